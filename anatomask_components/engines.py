@@ -1,0 +1,170 @@
+"""The AnatoMask pretraining iteration for MONAI's Ignite workflows (METHOD.md section 2)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine
+
+from anatomask_components.determinism import sample_seed
+from anatomask_components.losses import masked_patch_mse, patch_scores
+from anatomask_components.masking import (
+    HardRatioSchedule,
+    num_hard,
+    num_masked,
+    random_patch_mask,
+    reconstruction_guided_mask,
+)
+from anatomask_components.teacher import EMATeacher, unwrap_model
+
+__all__ = ["AnatoMaskIteration", "training_scalars"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class AnatoMaskIteration:
+    """One pretraining step (teacher pass -> mask -> student pass) for ``SupervisedTrainer``.
+
+    Args:
+        masking: ``"anatomask"`` (reconstruction-guided self-masking) or ``"random"`` (SparK).
+        mask_ratio: fraction of masked patches (0.6).
+        teacher: the EMA teacher handler; required for ``"anatomask"``.
+        schedule: the hard-ratio schedule ``r_t``; required for ``"anatomask"``.
+        lowest: take the lowest teacher scores ("low significance" ablation).
+        teacher_target: ``"raw"`` scores against the raw patch (reference) or ``"normalized"`` against
+            the per-patch normalised target the student is trained on.
+        grad_clip: max gradient norm (12); 0 disables clipping.
+        precision: ``"fp32"`` (reference), ``"bf16"`` autocast, or ``"fp16"`` autocast with a grad scaler.
+        seed: base seed of the masks; each iteration's masks depend only on (seed, rank, iteration).
+        image_key: key of the image in the batch.
+
+    Returns (per call): a dict with ``loss`` and the scalars that are logged (``hard_ratio``,
+    ``num_hard``, ``ema_momentum``, ``lr``).
+    """
+
+    def __init__(
+        self,
+        masking: Literal["anatomask", "random"] = "anatomask",
+        mask_ratio: float = 0.6,
+        teacher: EMATeacher | None = None,
+        schedule: HardRatioSchedule | None = None,
+        lowest: bool = False,
+        teacher_target: Literal["raw", "normalized"] = "raw",
+        grad_clip: float = 12.0,
+        precision: Precision = "fp32",
+        seed: int = 0,
+        image_key: str = "image",
+    ) -> None:
+        if masking not in ("anatomask", "random"):
+            raise ValueError(f"masking must be 'anatomask' or 'random', got {masking!r}.")
+        if masking == "anatomask" and (teacher is None or schedule is None):
+            raise ValueError(
+                "AnatoMask masking needs a `teacher` (EMATeacher) and a `schedule` (HardRatioSchedule)."
+            )
+        if teacher_target not in ("raw", "normalized"):
+            raise ValueError(f"teacher_target must be 'raw' or 'normalized', got {teacher_target!r}.")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
+        self.masking = masking
+        self.mask_ratio = mask_ratio
+        self.teacher = teacher
+        self.schedule = schedule
+        self.lowest = lowest
+        self.teacher_target = teacher_target
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.seed = int(seed)
+        self.image_key = image_key
+        self.scaler: torch.amp.GradScaler | None = None
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+
+    def hard_ratio(self, engine: Engine) -> float:
+        """``r_t`` of the current iteration (0 for random masking)."""
+        if self.schedule is None or self.masking == "random":
+            return 0.0
+        epoch_length = engine.state.epoch_length or 1
+        return self.schedule(
+            engine.state.epoch - 1, (engine.state.iteration - 1) % epoch_length, epoch_length
+        )
+
+    def __call__(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
+        student = engine.network
+        device = engine.state.device or torch.device("cpu")
+        x = batchdata[self.image_key]
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device=device, dtype=torch.float32)
+        model = unwrap_model(student)
+        length = model.num_patches(x.shape[2:])
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        generator = torch.Generator(device=device).manual_seed(
+            sample_seed(self.seed, rank, engine.state.iteration)
+        )
+        mask = random_patch_mask(x.shape[0], length, self.mask_ratio, generator=generator, device=device)
+        r_t = self.hard_ratio(engine)
+        k = num_hard(num_masked(length, self.mask_ratio), r_t) if self.masking == "anatomask" else 0
+        if k > 0:
+            with torch.no_grad(), self._autocast(device):
+                reconstruction = self.teacher.teacher(x, mask)
+            scores = patch_scores(
+                reconstruction, x, model.patch_size, normalized_target=self.teacher_target == "normalized"
+            )
+            mask = reconstruction_guided_mask(
+                scores.masked_fill(~mask, 0.0),
+                self.mask_ratio,
+                r_t,
+                candidates=mask,
+                lowest=self.lowest,
+                generator=generator,
+            )
+
+        student.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with self._autocast(device):
+            reconstruction = student(x, mask)
+        loss = masked_patch_mse(reconstruction, x, mask, model.patch_size)
+        if self.precision == "fp16":
+            if self.scaler is None:
+                self.scaler = torch.amp.GradScaler(device.type)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(engine.optimizer)
+            self._clip(student)
+            self.scaler.step(engine.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self._clip(student)
+            engine.optimizer.step()
+        return {
+            "loss": loss.detach(),
+            "hard_ratio": r_t,
+            "num_hard": k,
+            "ema_momentum": self.teacher.last_momentum if self.teacher is not None else float("nan"),
+            "lr": engine.optimizer.param_groups[0]["lr"],
+        }
+
+    def _clip(self, network: torch.nn.Module) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("scaler"):
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            self.scaler = torch.amp.GradScaler(device_type)
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def training_scalars(output: dict[str, Any]) -> dict[str, float]:
+    """The per-iteration scalars logged to the console and TensorBoard."""
+    return {
+        k: float(output[k]) for k in ("loss", "hard_ratio", "num_hard", "ema_momentum", "lr") if k in output
+    }

@@ -1,0 +1,330 @@
+"""Sparse STU-Net encoder for masked image modelling (SparK style, METHOD.md section 6).
+
+The encoder runs the unmodified STU-Net stage modules (so its state dict keeps the official key
+names under ``sp_cnn.``) on only the visible voxels. Two interchangeable backends compute it:
+
+- ``"dense"``: masked dense convolution. Every convolution output is multiplied by the visible mask
+  at its resolution, so masked positions stay exactly zero. Fast on GPUs, any device.
+- ``"spconv"``: real submanifold sparse convolution with `spconv`; stride-1 convolutions are
+  submanifold convolutions, strided ones are sparse convolutions restricted to the visible sites.
+
+Both give the same features on visible voxels up to floating-point error. The visibility mask is an
+explicit argument of every call; nothing is kept in module-level state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from anatomask_components.networks.stunet import BasicResBlock, STUNet
+
+__all__ = ["STUNetEncoder", "SparseSTUNetEncoder", "masked_instance_norm", "upsample_patch_mask"]
+
+NormPooling = Literal["batch", "sample"]
+LEAKY_SLOPE = 0.01
+
+
+def upsample_patch_mask(active: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    """Repeat a patch-level mask to a finer voxel grid.
+
+    Args:
+        active: ``(B, 1, h, w, d)`` bool, True where a patch is visible.
+        factor: repetition per spatial axis.
+
+    Returns:
+        ``(B, 1, h * f0, w * f1, d * f2)`` bool.
+    """
+    for axis, f in enumerate(factor):
+        if f > 1:
+            active = active.repeat_interleave(int(f), dim=2 + axis)
+    return active
+
+
+def masked_instance_norm(
+    x: torch.Tensor, mask: torch.Tensor, norm: nn.InstanceNorm3d, pooling: NormPooling = "batch"
+) -> torch.Tensor:
+    """Instance normalisation whose statistics come from the visible voxels only.
+
+    Args:
+        x: ``(B, C, H, W, D)`` features.
+        mask: ``(B, 1, H, W, D)`` visibility (bool or 0/1).
+        norm: supplies ``eps`` and, when affine, ``weight`` and ``bias``.
+        pooling: ``"batch"`` pools statistics over the visible voxels of the whole batch (reference),
+            ``"sample"`` computes them per sample.
+
+    Returns:
+        ``(B, C, H, W, D)`` normalised features, zero where ``mask`` is False.
+    """
+    dims = (0, 2, 3, 4) if pooling == "batch" else (2, 3, 4)
+    m = mask.to(x.dtype)
+    count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
+    mean = (x * m).sum(dim=dims, keepdim=True) / count
+    centred = (x - mean) * m
+    var = centred.square().sum(dim=dims, keepdim=True) / count
+    y = centred * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        y = y * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    return y * m
+
+
+class STUNetEncoder(nn.Module):
+    """The first ``num_stages`` encoder stages of a STU-Net, under their official key names."""
+
+    def __init__(self, stages: Sequence[nn.Sequential], strides: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        self.conv_blocks_context = nn.ModuleList(stages)
+        self.strides = [tuple(s) for s in strides]
+
+    @property
+    def widths(self) -> list[int]:
+        return [stage[-1].conv2.out_channels for stage in self.conv_blocks_context]
+
+
+@dataclass
+class _SparseLevel:
+    """Active voxels of one resolution, in a fixed (row-major) order shared by all tensors there."""
+
+    indices: torch.Tensor  # (N, 4) int32: batch, then the three spatial coordinates
+    spatial_shape: list[int]
+    batch_size: int
+    pairs: dict = field(default_factory=dict)  # (kernel, stride, padding, subm) -> spconv index pairs
+
+    def lookup(self) -> torch.Tensor:
+        """Dense grid holding each active voxel's row number, -1 elsewhere."""
+        grid = torch.full(
+            (self.batch_size, *self.spatial_shape), -1, dtype=torch.long, device=self.indices.device
+        )
+        idx = self.indices.long()
+        grid[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = torch.arange(len(idx), device=idx.device)
+        return grid
+
+
+class _MaskedDenseBackend:
+    """Features are dense ``(B, C, H, W, D)`` tensors, zero wherever the mask is False."""
+
+    def __init__(self, norm_pooling: NormPooling) -> None:
+        self.norm_pooling = norm_pooling
+
+    def level(self, visible: torch.Tensor) -> torch.Tensor:
+        return visible.to(torch.float32)
+
+    def from_dense(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x * mask.to(x.dtype)
+
+    def to_dense(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def conv(self, conv: nn.Conv3d, x: torch.Tensor, mask_in: torch.Tensor, mask_out: torch.Tensor):
+        return conv(x) * mask_out.to(x.dtype)
+
+    def norm(self, norm: nn.InstanceNorm3d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_instance_norm(x, mask, norm, self.norm_pooling)
+
+
+class _SpconvBackend:
+    """Features are ``(N, C)`` rows, one per active voxel of the level, computed with spconv."""
+
+    def __init__(self, norm_pooling: NormPooling) -> None:
+        try:
+            from spconv.core import ConvAlgo
+            from spconv.pytorch import functional as spconv_functional
+            from spconv.pytorch import ops as spconv_ops
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "the 'spconv' backend needs spconv: pip install 'anatomask-components[sparse]' "
+                "(or the spconv-cuXXX wheel matching your CUDA)."
+            ) from err
+        self.norm_pooling = norm_pooling
+        self._ops = spconv_ops
+        self._functional = spconv_functional
+        self._algo = ConvAlgo.Native
+
+    def level(self, visible: torch.Tensor) -> _SparseLevel:
+        indices = visible[:, 0].nonzero().to(torch.int32).contiguous()  # spconv reads raw memory
+        return _SparseLevel(indices, list(visible.shape[2:]), visible.shape[0])
+
+    def from_dense(self, x: torch.Tensor, level: _SparseLevel) -> torch.Tensor:
+        idx = level.indices.long()
+        # advanced indexing around a slice gives a channel-major view; spconv reads raw row-major memory
+        return x[idx[:, 0], :, idx[:, 1], idx[:, 2], idx[:, 3]].contiguous()
+
+    def to_dense(self, feats: torch.Tensor, level: _SparseLevel) -> torch.Tensor:
+        idx = level.indices.long()
+        dense = feats.new_zeros(level.batch_size, *level.spatial_shape, feats.shape[1])
+        dense = dense.index_put((idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]), feats)
+        return dense.permute(0, 4, 1, 2, 3).contiguous()
+
+    def _pairs(self, level: _SparseLevel, conv: nn.Conv3d, subm: bool):
+        key = (conv.kernel_size, conv.stride, conv.padding, subm)
+        if key not in level.pairs:
+            level.pairs[key] = self._ops.get_indice_pairs(
+                level.indices,
+                level.batch_size,
+                level.spatial_shape,
+                self._algo,
+                list(conv.kernel_size),
+                list(conv.stride),
+                list(conv.padding),
+                list(conv.dilation),
+                [0, 0, 0],
+                subm,
+                False,
+            )
+        return level.pairs[key]
+
+    def conv(self, conv: nn.Conv3d, feats: torch.Tensor, level_in: _SparseLevel, level_out: _SparseLevel):
+        # spconv's native algorithm expects KRSC weights: (out, k0, k1, k2, in)
+        weight = conv.weight.permute(0, 2, 3, 4, 1).contiguous()
+        feats = feats.contiguous()
+        subm = all(s == 1 for s in conv.stride)
+        outids, pairs, pair_num = self._pairs(level_in, conv, subm)
+        if subm:
+            out = self._functional.indice_subm_conv(feats, weight, pairs, pair_num, len(outids), self._algo)
+        else:
+            out = self._functional.indice_conv(feats, weight, pairs, pair_num, len(outids), self._algo)
+            # a strided sparse convolution activates every site it touches; keep the visible ones, in
+            # the level's order (each visible output site is touched: a mask unit spans every stride)
+            o = outids.long()
+            rows = level_out.lookup()[o[:, 0], o[:, 1], o[:, 2], o[:, 3]]
+            keep = rows >= 0
+            order = torch.empty(len(level_out.indices), dtype=torch.long, device=out.device)
+            order[rows[keep]] = keep.nonzero().squeeze(1)
+            out = out[order]
+        if conv.bias is not None:
+            out = out + conv.bias
+        return out
+
+    def norm(self, norm: nn.InstanceNorm3d, feats: torch.Tensor, level: _SparseLevel) -> torch.Tensor:
+        if self.norm_pooling == "batch":
+            mean = feats.mean(dim=0, keepdim=True)
+            var = (feats - mean).square().mean(dim=0, keepdim=True)
+        else:
+            batch = level.indices[:, 0].long()
+            count = torch.bincount(batch, minlength=level.batch_size).clamp_min(1).to(feats.dtype)[:, None]
+            sums = feats.new_zeros(level.batch_size, feats.shape[1]).index_add(0, batch, feats)
+            mean = (sums / count)[batch]
+            sq = feats.new_zeros(level.batch_size, feats.shape[1]).index_add(
+                0, batch, (feats - mean).square()
+            )
+            var = (sq / count)[batch]
+        y = (feats - mean) * torch.rsqrt(var + norm.eps)
+        if norm.affine:
+            y = y * norm.weight + norm.bias
+        return y
+
+
+class SparseSTUNetEncoder(nn.Module):
+    """STU-Net encoder that sees only the visible patches.
+
+    Args:
+        encoder: the STU-Net stages to run, under ``sp_cnn`` (official key names below it).
+        backend: ``"dense"`` (masked dense convolution) or ``"spconv"`` (submanifold sparse convolution).
+        norm_pooling: ``"batch"`` pools the instance-norm statistics over the active voxels of the
+            whole batch (reference); ``"sample"`` computes them per sample.
+
+    Forward input: ``x`` ``(B, C, H, W, D)`` and ``visible`` ``(B, 1, h, w, d)`` bool patch mask,
+    where ``(H, W, D) = (h, w, d) * patch_size``.
+    Forward output: one dense ``(B, C_i, H_i, W_i, D_i)`` feature map per stage (finest first), exactly
+    zero at masked positions.
+    """
+
+    def __init__(
+        self,
+        encoder: STUNetEncoder,
+        backend: Literal["dense", "spconv"] = "dense",
+        norm_pooling: NormPooling = "batch",
+    ) -> None:
+        super().__init__()
+        if norm_pooling not in ("batch", "sample"):
+            raise ValueError(f"norm_pooling must be 'batch' or 'sample', got {norm_pooling!r}.")
+        self.sp_cnn = encoder
+        self.norm_pooling = norm_pooling
+        self.backend = backend
+
+    @classmethod
+    def from_stunet(
+        cls,
+        stunet: STUNet,
+        num_stages: int = 5,
+        backend: Literal["dense", "spconv"] = "dense",
+        norm_pooling: NormPooling = "batch",
+    ) -> SparseSTUNetEncoder:
+        """Take the first ``num_stages`` encoder stages of ``stunet`` (its modules, not copies)."""
+        n_total = len(stunet.conv_blocks_context)
+        if not 1 <= num_stages <= n_total:
+            raise ValueError(f"num_stages must be in [1, {n_total}], got {num_stages}.")
+        stages = list(stunet.conv_blocks_context[:num_stages])
+        strides = [(1, 1, 1)] + [tuple(s) for s in stunet.strides[: num_stages - 1]]
+        return cls(STUNetEncoder(stages, strides), backend=backend, norm_pooling=norm_pooling)
+
+    @property
+    def backend(self) -> str:
+        return self._backend_name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name == "dense":
+            self._backend = _MaskedDenseBackend(self.norm_pooling)
+        elif name == "spconv":
+            self._backend = _SpconvBackend(self.norm_pooling)
+        else:
+            raise ValueError(f"unknown sparse backend {name!r}; choose 'dense' or 'spconv'.")
+        self._backend_name = name
+
+    @property
+    def cumulative_strides(self) -> list[tuple[int, int, int]]:
+        """Downsampling factor of each stage's output relative to the input."""
+        out, total = [], (1, 1, 1)
+        for s in self.sp_cnn.strides:
+            total = tuple(t * v for t, v in zip(total, s))
+            out.append(total)
+        return out
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Mask unit: the total stride of the encoder (16^3 for the 5-stage pretraining encoder)."""
+        return self.cumulative_strides[-1]
+
+    @property
+    def widths(self) -> list[int]:
+        return self.sp_cnn.widths
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        patch = self.patch_size
+        grid = tuple(s // p for s, p in zip(x.shape[2:], patch))
+        if tuple(visible.shape[2:]) != grid or any(s % p for s, p in zip(x.shape[2:], patch)):
+            raise ValueError(
+                f"input of spatial shape {tuple(x.shape[2:])} with patch size {patch} needs a visibility "
+                f"mask of shape (B, 1, *{grid}), got {tuple(visible.shape)}."
+            )
+        backend = self._backend
+        levels = {}
+        for stride in [(1, 1, 1)] + self.cumulative_strides:
+            if stride not in levels:
+                factor = [p // s for p, s in zip(patch, stride)]
+                levels[stride] = backend.level(upsample_patch_mask(visible.bool(), factor))
+        level_in = levels[(1, 1, 1)]
+        h = backend.from_dense(x, level_in)
+        features = []
+        for stage, stride in zip(self.sp_cnn.conv_blocks_context, self.cumulative_strides):
+            level_out = levels[stride]
+            for block in stage:
+                h = self._block(block, h, level_in, level_out)
+                level_in = level_out
+            features.append(backend.to_dense(h, level_out))
+        return features
+
+    def _block(self, block: BasicResBlock, h, level_in, level_out):
+        be = self._backend
+        y = be.conv(block.conv1, h, level_in, level_out)
+        y = F.leaky_relu(be.norm(block.norm1, y, level_out), LEAKY_SLOPE)
+        y = be.conv(block.conv2, y, level_out, level_out)
+        y = be.norm(block.norm2, y, level_out)
+        shortcut = be.conv(block.conv3, h, level_in, level_out) if block.conv3 is not None else h
+        return F.leaky_relu(y + shortcut, LEAKY_SLOPE)

@@ -1,0 +1,206 @@
+"""STU-Net (Huang et al., 2023): a scalable residual U-Net with nnU-Net style deep supervision.
+
+Module names reproduce the official implementation so that released checkpoints load with
+``strict=True``: ``conv_blocks_context.{stage}.{block}.{conv1,conv2,conv3,norm1,norm2}.*``,
+``upsample_layers.{u}.conv.*``, ``conv_blocks_localization.{u}.{block}.*`` and ``seg_outputs.{u}.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["STUNET_PRESETS", "BasicResBlock", "STUNet", "UpsampleNearest", "print_presets"]
+
+# size -> (blocks per stage, widths per stage); METHOD.md section 8.
+STUNET_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "S": ((1,) * 6, (16, 32, 64, 128, 256, 256)),
+    "B": ((1,) * 6, (32, 64, 128, 256, 512, 512)),
+    "L": ((2,) * 6, (64, 128, 256, 512, 1024, 1024)),
+    "H": ((3,) * 6, (96, 192, 384, 768, 1536, 1536)),
+}
+# TotalSegmentator plan: stage 0 keeps the resolution, stages 1-4 halve it, the bottleneck keeps it.
+DEFAULT_STRIDES: tuple[tuple[int, int, int], ...] = ((2, 2, 2),) * 4 + ((1, 1, 1),)
+
+
+class BasicResBlock(nn.Module):
+    """Residual block: conv3(stride) -> IN -> LeakyReLU -> conv3 -> IN, plus shortcut, then LeakyReLU.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        stride: stride of the first convolution (and of the 1x1 shortcut).
+        use_1x1conv: project the shortcut with a 1x1 convolution (first block of each stage).
+        kernel_size: kernel size of the two main convolutions.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: Sequence[int] | int = 1,
+        use_1x1conv: bool = False,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.act1 = nn.LeakyReLU(negative_slope=0.01, inplace=True)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size, padding=padding)
+        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.act2 = nn.LeakyReLU(negative_slope=0.01, inplace=True)
+        self.conv3 = nn.Conv3d(in_channels, out_channels, 1, stride=stride) if use_1x1conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        shortcut = self.conv3(x) if self.conv3 is not None else x
+        return self.act2(y + shortcut)
+
+
+class UpsampleNearest(nn.Module):
+    """Nearest-neighbour upsampling followed by a 1x1 convolution (STU-Net's decoder upsampling)."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale_factor: Sequence[int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=1)
+        self.scale_factor = tuple(int(s) for s in scale_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.scale_factor, mode="nearest"))
+
+
+def _init_he(module: nn.Module) -> None:
+    """nnU-Net's initialisation (InitWeights_He, negative slope 1e-2)."""
+    if isinstance(module, nn.Conv3d):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _stage(in_channels: int, out_channels: int, depth: int, stride: Sequence[int] | int) -> nn.Sequential:
+    blocks = [BasicResBlock(in_channels, out_channels, stride=stride, use_1x1conv=True)]
+    blocks += [BasicResBlock(out_channels, out_channels) for _ in range(depth - 1)]
+    return nn.Sequential(*blocks)
+
+
+class STUNet(nn.Module):
+    """STU-Net for 3D segmentation.
+
+    Args:
+        in_channels: input channels (1 for CT, 2 for PET/CT).
+        out_channels: number of classes including background.
+        size: preset name, one of ``S``, ``B``, ``L``, ``H``; ignored where ``depths`` and ``dims`` are given.
+        depths: residual blocks per stage (6 entries for the presets; any length >= 2).
+        dims: widths per stage, same length as ``depths``.
+        strides: strides of stages 1..n-1 (one fewer than stages), each an int or a 3-tuple.
+            Default: the TotalSegmentator plan ``[2,2,2] x 4 + [1,1,1]``.
+        deep_supervision: in training mode return the outputs of every decoder stage but the
+            coarsest, full resolution first (nnU-Net convention). In eval mode only the full
+            resolution output is returned.
+
+    Input: ``(B, in_channels, H, W, D)`` with each spatial size divisible by the total stride.
+    Output: ``(B, out_channels, H, W, D)`` logits, or a list of logits at decreasing resolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 105,
+        size: str = "B",
+        depths: Sequence[int] | None = None,
+        dims: Sequence[int] | None = None,
+        strides: Sequence[Sequence[int] | int] | None = None,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        if (depths is None) != (dims is None):
+            raise ValueError("give both `depths` and `dims` for a custom STU-Net, or neither to use `size`.")
+        if depths is None:
+            if size not in STUNET_PRESETS:
+                raise ValueError(f"unknown STU-Net size {size!r}; choose one of {sorted(STUNET_PRESETS)}.")
+            depths, dims = STUNET_PRESETS[size]
+        if len(depths) != len(dims) or len(depths) < 2:
+            raise ValueError(f"`depths` and `dims` need the same length >= 2, got {depths} and {dims}.")
+        num_pool = len(dims) - 1
+        if strides is None:
+            strides = DEFAULT_STRIDES[:num_pool] if num_pool <= len(DEFAULT_STRIDES) else None
+            if strides is None:
+                raise ValueError(f"give `strides` for a STU-Net with {len(dims)} stages.")
+        strides = [(s,) * 3 if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
+        if len(strides) != num_pool:
+            raise ValueError(f"need {num_pool} strides for {len(dims)} stages, got {len(strides)}.")
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+        self.strides = tuple(strides)
+        self.deep_supervision = deep_supervision
+
+        self.conv_blocks_context = nn.ModuleList([_stage(in_channels, dims[0], depths[0], 1)])
+        for d in range(1, num_pool + 1):
+            self.conv_blocks_context.append(_stage(dims[d - 1], dims[d], depths[d], strides[d - 1]))
+        self.upsample_layers = nn.ModuleList(
+            UpsampleNearest(dims[-1 - u], dims[-2 - u], strides[-1 - u]) for u in range(num_pool)
+        )
+        self.conv_blocks_localization = nn.ModuleList(
+            _stage(dims[-2 - u] * 2, dims[-2 - u], depths[-2 - u], 1) for u in range(num_pool)
+        )
+        self.seg_outputs = nn.ModuleList(
+            nn.Conv3d(dims[-2 - u], out_channels, kernel_size=1) for u in range(num_pool)
+        )
+        self.apply(_init_he)
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        """Product of the encoder strides per spatial axis."""
+        total = [1, 1, 1]
+        for s in self.strides:
+            total = [t * v for t, v in zip(total, s)]
+        return tuple(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = []
+        for stage in self.conv_blocks_context[:-1]:
+            x = stage(x)
+            skips.append(x)
+        x = self.conv_blocks_context[-1](x)
+        outputs = []
+        for u, (up, block, head) in enumerate(
+            zip(self.upsample_layers, self.conv_blocks_localization, self.seg_outputs)
+        ):
+            x = block(torch.cat((up(x), skips[-(u + 1)]), dim=1))
+            if self.deep_supervision and self.training or u == len(self.seg_outputs) - 1:
+                outputs.append(head(x))
+        if self.deep_supervision and self.training:
+            # full resolution first; the coarsest output is left out, as in nnU-Net
+            return outputs[::-1][:-1] if len(outputs) > 1 else outputs
+        return outputs[-1]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def print_presets(in_channels: int = 1, out_channels: int = 105) -> dict[str, int]:
+    """Print each preset's parameter count (built on the meta device, so even H costs no memory).
+
+    Returns:
+        preset name -> parameter count.
+    """
+    counts = {}
+    print(f"STU-Net presets ({in_channels} input, {out_channels} output channels)")
+    print(f"{'size':<5}{'blocks/stage':<14}{'widths':<34}{'params':>10}")
+    for name, (depths, dims) in STUNET_PRESETS.items():
+        with torch.device("meta"):
+            net = STUNet(in_channels, out_channels, size=name)
+        counts[name] = count_parameters(net)
+        widths = " ".join(str(d) for d in dims)
+        print(f"{name:<5}{depths[0]:<14}{widths:<34}{counts[name] / 1e6:>9.2f}M")
+    return counts
