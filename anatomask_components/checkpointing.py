@@ -59,7 +59,9 @@ class TrainingCheckpointer:
 
     The checkpoint holds ``state_dict()`` of every object in ``objects`` (student, teacher handler,
     optimiser, scheduler, iteration with its scaler...) and the trainer's counters, in a file
-    ``checkpoint_<iteration>.pt`` that loads with ``weights_only=True``.
+    ``checkpoint_<iteration>.pt`` that loads with ``weights_only=True``. Attach it after every other
+    handler: Ignite runs the handlers of an event in attachment order, and a checkpoint must hold the
+    state after the iteration's scheduler step and EMA update.
 
     Args:
         save_dir: folder of the checkpoints.
