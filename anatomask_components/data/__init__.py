@@ -1,0 +1,14 @@
+"""Data layer: real scans in, clean volumes out.
+
+- :mod:`~anatomask_components.data.readers`: ``AnatoMaskReader`` (NIfTI, NRRD, MHA/MHD, DICOM series; RAS).
+- :mod:`~anatomask_components.data.preprocessing`: the shared pretraining / fine-tuning / inference pipelines.
+- :mod:`~anatomask_components.data.datasets`: on-disk cache of the deterministic part, bad-scan skipping.
+- :mod:`~anatomask_components.data.datalists`: datalists from folders, nnU-Net, MSD and AutoPET layouts.
+- :mod:`~anatomask_components.data.labels`: label sets and remapping (TotalSegmentator to FLARE22 / AMOS22).
+- :mod:`~anatomask_components.data.normalization`, :mod:`~anatomask_components.data.fingerprint`: intensities.
+- :mod:`~anatomask_components.data.validation`: ``InvalidScanError`` and the checks behind it.
+- :mod:`~anatomask_components.data.phantoms`, :mod:`~anatomask_components.data.writers`: synthetic test data.
+- :mod:`~anatomask_components.data.examples`: the real example CT (``anatomask fetch-examples``).
+
+Submodules are imported on use, so that importing the package stays cheap.
+"""

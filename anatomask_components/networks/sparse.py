@@ -145,6 +145,10 @@ class _SpconvBackend:
         self._functional = spconv_functional
         self._algo = ConvAlgo.Native
 
+    def __reduce__(self):
+        # holds Python modules, which cannot be deep-copied or pickled: rebuild instead (EMA teacher)
+        return (type(self), (self.norm_pooling,))
+
     def level(self, visible: torch.Tensor) -> _SparseLevel:
         indices = visible[:, 0].nonzero().to(torch.int32).contiguous()  # spconv reads raw memory
         return _SparseLevel(indices, list(visible.shape[2:]), visible.shape[0])
@@ -205,14 +209,15 @@ class _SpconvBackend:
             mean = feats.mean(dim=0, keepdim=True)
             var = (feats - mean).square().mean(dim=0, keepdim=True)
         else:
-            batch = level.indices[:, 0].long()
-            count = torch.bincount(batch, minlength=level.batch_size).clamp_min(1).to(feats.dtype)[:, None]
-            sums = feats.new_zeros(level.batch_size, feats.shape[1]).index_add(0, batch, feats)
-            mean = (sums / count)[batch]
-            sq = feats.new_zeros(level.batch_size, feats.shape[1]).index_add(
-                0, batch, (feats - mean).square()
-            )
-            var = (sq / count)[batch]
+            # rows are sorted by sample (nonzero order); torch's reductions per sample are accurate,
+            # whereas index_add accumulates sequentially in fp32 and drifts on large levels
+            sizes = torch.bincount(level.indices[:, 0].long(), minlength=level.batch_size).tolist()
+
+            def per_sample_mean(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([c.mean(0, keepdim=True).expand_as(c) for c in t.split(sizes)])
+
+            mean = per_sample_mean(feats)
+            var = per_sample_mean((feats - mean).square())
         y = (feats - mean) * torch.rsqrt(var + norm.eps)
         if norm.affine:
             y = y * norm.weight + norm.bias

@@ -1,0 +1,451 @@
+"""MONAI datalists (``training`` / ``validation`` / ``test``) from the dataset layouts people bring.
+
+Layouts: a plain folder of scans (pretraining), an nnU-Net v2 raw dataset, an MSD ``dataset.json`` and the
+AutoPET study-folder layout. Items are ``{"image": path or [channel paths], "label": path, "modality": ...}``;
+``modality`` is ``"CT"``, ``"MR"`` or ``"PET"`` (a list for multi-channel images). Splits are reproducible
+from a seed; optional k-fold cross-validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anatomask_components.data.readers import IMAGE_SUFFIXES, image_suffix, is_dicom_series_dir
+from anatomask_components.data.validation import InvalidScanError
+
+SECTIONS = ("training", "validation", "test")
+LAYOUTS = ("auto", "folder", "nnunet", "msd", "autopet")
+# Companion data files of detached headers (.mhd/.nhdr): part of a scan, not scans themselves.
+_COMPANION_SUFFIXES = (".raw", ".zraw", ".raw.gz", ".img", ".img.gz")
+
+
+def modality_of_channel(name: str) -> str:
+    """Map an nnU-Net/MSD channel name to ``"CT"``, ``"PET"`` or ``"MR"``.
+
+    ``CT`` and ``PET``/``SUV`` are recognised; every other name (``T1``, ``FLAIR``, ``ADC``, ...) counts as
+    MR, which selects per-image z-score, what nnU-Net does for all non-CT channels.
+    """
+    upper = name.upper()
+    if "PET" in upper or "SUV" in upper:
+        return "PET"
+    if upper == "CT" or upper.startswith("CT") or upper.endswith("CT"):
+        return "CT"
+    return "MR"
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Split ``n`` into parts proportional to ``fractions`` (largest remainder), giving every part with a
+    positive fraction at least one element when ``n`` allows it.
+
+    Args:
+        n: number of elements (or groups).
+        fractions: non-negative weights, normalised to sum 1.
+
+    Returns:
+        one count per fraction, summing to ``n``.
+    """
+    weights = np.asarray(fractions, dtype=np.float64)
+    if weights.ndim != 1 or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {list(fractions)}")
+    exact = weights / weights.sum() * n
+    counts = np.floor(exact).astype(int)
+    for index in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[index] += 1
+    positive = weights > 0
+    if n >= positive.sum():
+        for index in np.flatnonzero(positive & (counts == 0)):
+            counts[int(np.argmax(counts))] -= 1
+            counts[index] += 1
+    return counts.tolist()
+
+
+def split_items(
+    items: Sequence[Mapping[str, Any]],
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+    groups: Sequence[str] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Shuffle items with a seed and split them into training / validation / test.
+
+    Args:
+        items: datalist items.
+        fractions: training, validation, test fractions (default 70/10/20).
+        seed: shuffling seed; the same items and seed always give the same split, whatever their order.
+        folds: if given, k-fold cross-validation: the test part is set aside as usual, the rest is cut
+            into ``folds`` folds; ``validation`` is fold ``fold``, ``training`` the others, and every
+            item carries its ``"fold"`` so one file describes all folds. The validation fraction is then
+            unused.
+        fold: the validation fold, ``0 .. folds - 1``.
+        groups: one group id per item (e.g. the patient); items of a group always land in the same part,
+            so studies of one patient never straddle training and test.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}``.
+    """
+    if len(fractions) != 3:
+        raise ValueError(f"fractions must have 3 values (training, validation, test), got {list(fractions)}")
+    group_ids = [str(g) for g in groups] if groups is not None else [str(i) for i in range(len(items))]
+    if len(group_ids) != len(items):
+        raise ValueError(f"got {len(group_ids)} groups for {len(items)} items")
+    # Sort by content first so that the split does not depend on the order the files were found in.
+    sort_keys = [json.dumps(item, sort_keys=True) for item in items]
+    order = sorted(range(len(items)), key=sort_keys.__getitem__)
+    group_key: dict[str, str] = {}
+    for i in order:
+        group_key.setdefault(group_ids[i], sort_keys[i])
+    unique_groups = sorted(group_key, key=group_key.__getitem__)
+    shuffled = [unique_groups[i] for i in np.random.default_rng(seed).permutation(len(unique_groups))]
+
+    if folds is None:
+        counts = split_counts(len(shuffled), fractions)
+        bounds = np.cumsum([0, *counts])
+        part_of = {g: SECTIONS[p] for p in range(3) for g in shuffled[bounds[p] : bounds[p + 1]]}
+        fold_of: dict[str, int] = {}
+    else:
+        if folds < 2 or not 0 <= fold < folds:
+            raise ValueError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
+        n_test = split_counts(len(shuffled), (fractions[0] + fractions[1], 0.0, fractions[2]))[2]
+        pool, test = shuffled[: len(shuffled) - n_test], shuffled[len(shuffled) - n_test :]
+        fold_of = {g: i % folds for i, g in enumerate(pool)}
+        part_of = {g: "validation" if fold_of[g] == fold else "training" for g in pool}
+        part_of.update({g: "test" for g in test})
+
+    datalist: dict[str, list[dict[str, Any]]] = {section: [] for section in SECTIONS}
+    for i in order:
+        item = dict(items[i])
+        if group_ids[i] in fold_of:
+            item["fold"] = fold_of[group_ids[i]]
+        datalist[part_of[group_ids[i]]].append(item)
+    return datalist
+
+
+def find_scans(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Find scans under a folder, recursively: image files and DICOM series folders (one scan each).
+
+    Args:
+        root: the folder.
+
+    Returns:
+        sorted scan paths, and sorted paths of the non-image files that were skipped (hidden files and
+        the data files of ``.mhd``/``.nhdr`` headers are neither).
+
+    Raises:
+        InvalidScanError: the folder does not exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidScanError(root, "folder does not exist")
+    scans, skipped = [], []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        if is_dicom_series_dir(folder):
+            scans.append(str(Path(folder)))
+            continue
+        for name in sorted(files):
+            path = Path(folder) / name
+            if name.startswith("."):
+                continue
+            if image_suffix(name) is not None:
+                scans.append(str(path))
+            elif not name.lower().endswith(_COMPANION_SUFFIXES):
+                skipped.append(str(path))
+    return sorted(scans), sorted(skipped)
+
+
+def folder_datalist(
+    root: str | os.PathLike,
+    modality: str | None = None,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Datalist of every scan under a folder (recursive), images only, for pretraining.
+
+    Non-image files are skipped with one warning that names them.
+
+    Args:
+        root: the folder.
+        modality: if given (``"CT"``, ``"MR"``, ``"PET"``), stored in every item.
+        fractions, seed, folds, fold: see :func:`split_items`.
+
+    Returns:
+        the datalist.
+
+    Raises:
+        InvalidScanError: the folder is missing or holds no scans.
+    """
+    scans, skipped = find_scans(root)
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        warnings.warn(f"{root}: skipped {len(skipped)} non-image file(s): {shown}", stacklevel=2)
+    if not scans:
+        raise InvalidScanError(
+            root, f"no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)"
+        )
+    items = [{"image": scan, **({"modality": modality.upper()} if modality else {})} for scan in scans]
+    return split_items(items, fractions, seed, folds, fold)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InvalidScanError(path, "file does not exist") from None
+    except json.JSONDecodeError as error:
+        raise InvalidScanError(path, f"not valid JSON ({error})") from error
+
+
+def nnunet_datalist(
+    root: str | os.PathLike,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Datalist of an nnU-Net v2 raw dataset (``dataset.json``, ``imagesTr/{case}_{XXXX}``, ``labelsTr/``).
+
+    Only the labelled training cases are listed (``imagesTs`` has no labels); they are split as usual.
+    Multi-channel cases list their channel files in ``channel_names`` order.
+
+    Args:
+        root: the dataset folder (``DatasetXXX_Name``).
+        fractions, seed, folds, fold: see :func:`split_items`.
+
+    Returns:
+        the datalist, with ``labels`` (id to name) and ``channel_modalities`` at the top level.
+
+    Raises:
+        InvalidScanError: ``dataset.json`` missing or invalid, or a channel file missing.
+    """
+    root = Path(root)
+    description = _read_json(root / "dataset.json")
+    if "channel_names" not in description:
+        raise InvalidScanError(root / "dataset.json", "no 'channel_names': not an nnU-Net v2 dataset.json")
+    ending = description.get("file_ending", ".nii.gz")
+    channels = sorted(description["channel_names"].items(), key=lambda kv: int(kv[0]))
+    modalities = [modality_of_channel(name) for _, name in channels]
+    label_files = sorted((root / "labelsTr").glob(f"*{ending}"))
+    if not label_files:
+        raise InvalidScanError(root / "labelsTr", f"no label files ending in {ending}")
+    items = []
+    for label_file in label_files:
+        case = label_file.name[: -len(ending)]
+        images = [root / "imagesTr" / f"{case}_{int(c):04d}{ending}" for c, _ in channels]
+        missing = [str(p) for p in images if not p.exists()]
+        if missing:
+            raise InvalidScanError(missing[0], f"channel file of case {case!r} does not exist")
+        items.append(
+            {
+                "image": str(images[0]) if len(images) == 1 else [str(p) for p in images],
+                "label": str(label_file),
+                "modality": modalities[0] if len(modalities) == 1 else modalities,
+            }
+        )
+    datalist: dict[str, Any] = split_items(items, fractions, seed, folds, fold)
+    datalist["labels"] = {str(v): k for k, v in description.get("labels", {}).items() if isinstance(v, int)}
+    datalist["channel_modalities"] = modalities
+    return datalist
+
+
+def msd_datalist(
+    dataset_json: str | os.PathLike,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Datalist of a Medical Segmentation Decathlon ``dataset.json`` (its ``training`` list).
+
+    MSD multi-modal tasks store channels in the 4th axis of one file: the datalist then records
+    ``image_channel_dim: -1``, to pass to the preprocessing (``image_channel_dim=-1``).
+
+    Args:
+        dataset_json: the ``dataset.json`` file or its folder.
+        fractions, seed, folds, fold: see :func:`split_items`.
+
+    Returns:
+        the datalist, with ``labels`` and ``channel_modalities`` at the top level.
+
+    Raises:
+        InvalidScanError: ``dataset.json`` missing or invalid, or a listed file missing.
+    """
+    path = Path(dataset_json)
+    path = path / "dataset.json" if path.is_dir() else path
+    description = _read_json(path)
+    if not isinstance(description.get("training"), list):
+        raise InvalidScanError(path, "no 'training' list: not an MSD dataset.json")
+    channels = sorted(description.get("modality", {"0": "CT"}).items(), key=lambda kv: int(kv[0]))
+    modalities = [modality_of_channel(name) for _, name in channels]
+    items = []
+    for entry in description["training"]:
+        item = {key: str((path.parent / entry[key]).resolve()) for key in ("image", "label") if key in entry}
+        for key, file in item.items():
+            if not Path(file).exists():
+                raise InvalidScanError(file, f"{key} listed in {path} does not exist")
+        item["modality"] = modalities[0] if len(modalities) == 1 else modalities
+        items.append(item)
+    datalist: dict[str, Any] = split_items(items, fractions, seed, folds, fold)
+    datalist["labels"] = {str(k): v for k, v in description.get("labels", {}).items()}
+    datalist["channel_modalities"] = modalities
+    if len(modalities) > 1:
+        datalist["image_channel_dim"] = -1
+    return datalist
+
+
+def autopet_datalist(
+    root: str | os.PathLike,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Datalist of the AutoPET layout: ``<patient>/<study>/{CTres,SUV,SEG}.nii.gz``.
+
+    Each study is one item with two channels, ``[CTres, SUV]`` (modality ``["CT", "PET"]``), and the
+    lesion mask ``SEG``. Studies of one patient (the first folder under ``root``) stay in one split.
+
+    Args:
+        root: the folder holding the patient folders.
+        fractions, seed, folds, fold: see :func:`split_items`.
+
+    Returns:
+        the datalist, with ``labels`` and ``channel_modalities`` at the top level.
+
+    Raises:
+        InvalidScanError: no study found, or a study without ``SUV.nii.gz`` or ``SEG.nii.gz``.
+    """
+    root = Path(root)
+    studies = sorted(p.parent for p in root.rglob("CTres.nii.gz"))
+    if not studies:
+        raise InvalidScanError(root, "no AutoPET study folders (with CTres.nii.gz) found")
+    items, groups = [], []
+    for study in studies:
+        for name in ("SUV.nii.gz", "SEG.nii.gz"):
+            if not (study / name).exists():
+                raise InvalidScanError(study / name, "AutoPET study file does not exist")
+        items.append(
+            {
+                "image": [str(study / "CTres.nii.gz"), str(study / "SUV.nii.gz")],
+                "label": str(study / "SEG.nii.gz"),
+                "modality": ["CT", "PET"],
+            }
+        )
+        groups.append(study.relative_to(root).parts[0])
+    datalist: dict[str, Any] = split_items(items, fractions, seed, folds, fold, groups=groups)
+    datalist["labels"] = {"0": "background", "1": "lesion"}
+    datalist["channel_modalities"] = ["CT", "PET"]
+    return datalist
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """Guess the layout of a dataset folder: ``nnunet``, ``msd``, ``autopet`` or ``folder``."""
+    root = Path(root)
+    dataset_json = root / "dataset.json" if root.is_dir() else root
+    if dataset_json.name == "dataset.json" and dataset_json.is_file():
+        description = _read_json(dataset_json)
+        if "channel_names" in description:
+            return "nnunet"
+        if isinstance(description.get("training"), list):
+            return "msd"
+    if root.is_dir() and next(root.rglob("CTres.nii.gz"), None) is not None:
+        return "autopet"
+    return "folder"
+
+
+def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, relative: bool = False) -> Path:
+    """Write a datalist as JSON (4-space indent).
+
+    Args:
+        datalist: the datalist.
+        path: output file (folders created).
+        relative: store paths relative to the file's folder (load with
+            ``monai.data.load_decathlon_datalist(path, base_dir=<that folder>)``); default absolute.
+
+    Returns:
+        the written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent.resolve()
+
+    def convert(value: Any, key: str) -> Any:
+        if key not in ("image", "label"):
+            return value
+        if isinstance(value, list):
+            return [convert(v, key) for v in value]
+        absolute = Path(value).resolve()
+        return os.path.relpath(absolute, base) if relative else str(absolute)
+
+    out = {
+        key: [{k: convert(v, k) for k, v in item.items()} for item in value] if key in SECTIONS else value
+        for key, value in datalist.items()
+    }
+    path.write_text(json.dumps(out, indent=4) + "\n")
+    return path
+
+
+def build_datalist(
+    root: str,
+    output: str | None = None,
+    layout: str = "auto",
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+    modality: str | None = None,
+    relative: bool = False,
+) -> dict[str, Any]:
+    """Build a datalist from a dataset folder and optionally write it (the ``anatomask datalist`` command).
+
+    Args:
+        root: the dataset folder (for ``msd`` also the ``dataset.json`` file).
+        output: JSON file to write; if None, the datalist is only returned.
+        layout: ``auto`` (detected), ``folder``, ``nnunet``, ``msd`` or ``autopet``.
+        fractions: training, validation, test fractions.
+        seed: split seed.
+        folds, fold: k-fold cross-validation (see :func:`split_items`).
+        modality: for ``folder``: the modality stored in every item (``CT``, ``MR``, ``PET``).
+        relative: write paths relative to the output file.
+
+    Returns:
+        the datalist.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    chosen = detect_layout(root) if layout == "auto" else layout
+    split = {
+        "fractions": tuple(float(f) for f in fractions),
+        "seed": int(seed),
+        "folds": folds,
+        "fold": int(fold),
+    }
+    if chosen == "folder":
+        datalist = folder_datalist(root, modality=modality, **split)
+    else:
+        builder = {"nnunet": nnunet_datalist, "msd": msd_datalist, "autopet": autopet_datalist}[chosen]
+        datalist = builder(root, **split)
+    counts = ", ".join(f"{len(datalist[s])} {s}" for s in SECTIONS)
+    if output is not None:
+        write_datalist(datalist, output, relative=relative)
+        print(f"[datalist] {chosen} layout: {counts} -> {output}", flush=True)
+    else:
+        print(f"[datalist] {chosen} layout: {counts}", flush=True)
+    return datalist
+
+
+def image_label(item: Mapping[str, Any], key: str = "image") -> str:
+    """A short name for an item's image (its first channel file), for progress lines and messages."""
+    value = item[key]
+    first = value[0] if isinstance(value, (list, tuple)) else value
+    return Path(str(first)).name

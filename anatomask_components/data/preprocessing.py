@@ -1,0 +1,420 @@
+"""Preprocessing shared by pretraining, fine-tuning and inference.
+
+Every pipeline starts with the same :func:`deterministic_transforms` (load, channel-first, label remap and
+checks, RAS orientation, resampling, normalisation), so pretraining and fine-tuning cannot drift apart.
+The deterministic part comes first and the random part after it, so a dataset can cache the former
+(:class:`anatomask_components.data.datasets.CachedScanDataset`, or MONAI's ``PersistentDataset``).
+
+All builders return a flat ``monai.transforms.Compose`` over dicts such as ``{"image": path}`` or
+``{"image": [ct, suv], "label": path, "modality": ["CT", "PET"]}``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    RandAdjustContrastd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotated,
+    RandScaleIntensityd,
+    RandSpatialCropd,
+    RandZoomd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from anatomask_components.data.labels import RemapLabelsd
+from anatomask_components.data.normalization import NormalizeByModalityd
+from anatomask_components.data.readers import RAS_LABELS, AnatoMaskReader
+from anatomask_components.data.validation import ValidateScand
+
+# Rotation and scaling ranges of the reference augmentation (METHOD.md section 9).
+ROTATION_RANGE_RAD = math.radians(30.0)
+SCALE_RANGE = (0.7, 1.4)
+# With rotation or scaling on, the crop is taken this much larger, augmented, then centre-cropped to the
+# ROI, so that the augmented patch is filled with image rather than padding (0.7 zoom-out needs >= 1.43).
+AUGMENTATION_MARGIN = 1.5
+
+
+class PathSafeSpacingd(Spacingd):
+    """``Spacingd`` that tolerates string items named ``<key>_*`` (MONAI Label's ``image_path``).
+
+    monai 1.6 ``Spacingd`` calls ``.update()`` on every item whose name starts with ``"<key>_"``, meant for
+    the old ``image_meta_dict``; MONAI Label adds the string ``image_path``, which then crashes with
+    ``AttributeError: 'str' object has no attribute 'update'`` (BUNDLES.md trap 3). Such non-dict items
+    are set aside during resampling and put back unchanged. Inversion is ``Spacingd``'s own.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        set_aside = {
+            name: d.pop(name)
+            for name in list(d)
+            if isinstance(name, str) and name.startswith(prefixes) and not isinstance(d[name], dict)
+        }
+        d = super().__call__(d, lazy=lazy)
+        d.update(set_aside)
+        return d
+
+
+def loading_transforms(
+    image_key: str = "image",
+    label_key: str | None = None,
+    num_classes: int | None = None,
+    label_mapping: str | os.PathLike | Mapping[Any, Any] | None = None,
+    image_channel_dim: int | None = None,
+    check_finite: bool = True,
+    label_optional: bool = False,
+) -> list:
+    """Load, make channel-first, remap and check labels, reorient to RAS.
+
+    Args:
+        image_key: item key of the image path (or list of channel paths).
+        label_key: item key of the label path, or None (images only).
+        num_classes: if given, label values (after remapping) must lie in ``0 .. num_classes - 1``.
+        label_mapping: remap labels first (name, JSON path or dict; unmapped ids become background), see
+            :mod:`anatomask_components.data.labels`.
+        image_channel_dim: ``-1`` for MSD-style 4D files holding channels in their last axis.
+        check_finite: reject images with NaN/Inf voxels.
+        label_optional: accept items without ``label_key`` (checking or fingerprinting a datalist that
+            mixes labelled and unlabelled scans); otherwise a missing label is a KeyError.
+
+    Returns:
+        the list of transforms; images come out (C, H, W, D) float32 in RAS, labels (1, H, W, D).
+    """
+    keys = [image_key] + ([label_key] if label_key else [])
+    reader = AnatoMaskReader(channel_dim=image_channel_dim)
+    transforms: list = [
+        LoadImaged(keys, reader=reader, allow_missing_keys=label_optional),
+        EnsureChannelFirstd(keys, allow_missing_keys=label_optional),
+    ]
+    if label_key and label_mapping is not None:
+        transforms.append(RemapLabelsd(label_key, label_mapping, allow_missing_keys=label_optional))
+    transforms += [
+        ValidateScand(image_key, label_key=label_key, num_classes=num_classes, check_finite=check_finite),
+        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS, allow_missing_keys=label_optional),
+    ]
+    return transforms
+
+
+def deterministic_transforms(
+    image_key: str = "image",
+    label_key: str | None = None,
+    spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
+    normalization: str | Mapping[str, str] = "zscore",
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None = None,
+    channel_modalities: Sequence[str] | None = None,
+    modality_key: str = "modality",
+    num_classes: int | None = None,
+    label_mapping: str | os.PathLike | Mapping[Any, Any] | None = None,
+    image_channel_dim: int | None = None,
+    suv_max: float = 20.0,
+    check_finite: bool = True,
+) -> Compose:
+    """The one deterministic preprocessing path: load, check, RAS, resample, normalise.
+
+    Args:
+        image_key: item key of the image path (or list of channel paths, stacked as channels).
+        label_key: item key of the label map, or None (pretraining, inference).
+        spacing: target voxel size in mm (default 1.5 isotropic); None keeps the native grid.
+            Images are resampled trilinearly, labels with nearest neighbour.
+        normalization: ``"zscore"`` (per image, default), ``"ct"`` (nnU-Net CT scheme, needs
+            ``fingerprint``), ``"suv"`` or ``"none"`` for CT channels; or ``{"CT": .., "MR": .., "PET": ..}``.
+            MR and PET default to ``"zscore"``. See :mod:`anatomask_components.data.normalization`.
+        fingerprint: JSON path or dict from ``anatomask fingerprint`` (needed by ``"ct"``).
+        channel_modalities: modality of each channel when items carry no ``modality`` field, e.g.
+            ``("CT", "PET")``; default all CT.
+        modality_key: item field with the per-case modality (AMOS: CT and MR cases in one model).
+        num_classes: if given, label values must lie in ``0 .. num_classes - 1`` (after remapping).
+        label_mapping: label remapping applied on load (see :mod:`anatomask_components.data.labels`).
+        image_channel_dim: ``-1`` for MSD-style 4D multi-channel files.
+        suv_max: SUV clip for the ``"suv"`` scheme.
+        check_finite: reject images with NaN/Inf voxels.
+
+    Returns:
+        a Compose mapping an item to ``{image_key: (C, H', W', D') float32 MetaTensor, label_key: (1, H',
+        W', D')}`` in RAS at ``spacing``; other item fields pass through (``image_path`` included).
+    """
+    keys = [image_key] + ([label_key] if label_key else [])
+    transforms = loading_transforms(
+        image_key, label_key, num_classes, label_mapping, image_channel_dim, check_finite
+    )
+    if spacing is not None:
+        transforms.append(
+            PathSafeSpacingd(
+                keys,
+                pixdim=tuple(float(s) for s in spacing),
+                mode=("bilinear", "nearest")[: len(keys)],
+            )
+        )
+    transforms.append(
+        NormalizeByModalityd(
+            image_key,
+            normalization=normalization,
+            fingerprint=fingerprint,
+            channel_modalities=channel_modalities,
+            modality_key=modality_key,
+            suv_max=suv_max,
+        )
+    )
+    return Compose(transforms)
+
+
+def _augmented_crop_size(roi_size: Sequence[int], rotate_prob: float, scale_prob: float) -> tuple[int, ...]:
+    margin = AUGMENTATION_MARGIN if rotate_prob > 0 or scale_prob > 0 else 1.0
+    return tuple(int(math.ceil(s * margin)) for s in roi_size)
+
+
+def _spatial_augmentation(
+    keys: Sequence[str],
+    roi_size: Sequence[int],
+    rotate_prob: float,
+    scale_prob: float,
+    flip_prob: float,
+    modes: Sequence[str],
+) -> list:
+    """Rotation (+-30 deg per axis), scaling (0.7-1.4), centre crop to the ROI, and flips per axis."""
+    transforms: list = []
+    if rotate_prob > 0 or scale_prob > 0:
+        interpolation = ["bilinear" if m != "nearest" else "nearest" for m in modes]
+        transforms += [
+            RandRotated(
+                keys,
+                range_x=ROTATION_RANGE_RAD,
+                range_y=ROTATION_RANGE_RAD,
+                range_z=ROTATION_RANGE_RAD,
+                prob=rotate_prob,
+                keep_size=True,
+                mode=interpolation,
+                padding_mode="zeros",
+            ),
+            RandZoomd(
+                keys,
+                min_zoom=SCALE_RANGE[0],
+                max_zoom=SCALE_RANGE[1],
+                prob=scale_prob,
+                keep_size=True,
+                mode=["trilinear" if m != "nearest" else "nearest" for m in modes],
+                padding_mode="constant",
+            ),
+            CenterSpatialCropd(keys, roi_size=tuple(roi_size)),
+        ]
+    if flip_prob > 0:
+        transforms += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
+    return transforms
+
+
+def pretrain_transforms(
+    roi_size: Sequence[int] = (112, 112, 128),
+    spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
+    normalization: str | Mapping[str, str] = "zscore",
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None = None,
+    rotate_prob: float = 0.0,
+    scale_prob: float = 0.0,
+    flip_prob: float = 0.5,
+    image_key: str = "image",
+    channel_modalities: Sequence[str] | None = None,
+    modality_key: str = "modality",
+    image_channel_dim: int | None = None,
+    suv_max: float = 20.0,
+) -> Compose:
+    """Pretraining pipeline: the shared deterministic part, padding to the ROI, one random crop, augmentation.
+
+    Args:
+        roi_size: crop size (default 112 x 112 x 128, METHOD.md section 1).
+        spacing, normalization, fingerprint, channel_modalities, modality_key, image_channel_dim, suv_max:
+            see :func:`deterministic_transforms`.
+        rotate_prob: probability of a random rotation (+-30 deg about each axis); reference 0.2.
+        scale_prob: probability of a random scaling (0.7-1.4); reference 0.2.
+        flip_prob: probability of a flip, per axis.
+        image_key: item key of the image.
+
+    Returns:
+        a Compose mapping ``{"image": path}`` to ``{"image": (C, *roi_size) float32 MetaTensor}`` (C = 1
+        for CT). Volumes smaller than the ROI are zero-padded (after normalisation) before cropping.
+    """
+    deterministic = deterministic_transforms(
+        image_key,
+        None,
+        spacing,
+        normalization,
+        fingerprint,
+        channel_modalities,
+        modality_key,
+        image_channel_dim=image_channel_dim,
+        suv_max=suv_max,
+    )
+    crop_size = _augmented_crop_size(roi_size, rotate_prob, scale_prob)
+    return Compose(
+        [
+            *deterministic.transforms,
+            SpatialPadd(image_key, spatial_size=tuple(roi_size)),
+            RandSpatialCropd(image_key, roi_size=crop_size, random_size=False),
+            *_spatial_augmentation([image_key], roi_size, rotate_prob, scale_prob, flip_prob, ["bilinear"]),
+        ]
+    )
+
+
+def finetune_train_transforms(
+    roi_size: Sequence[int] = (112, 112, 128),
+    spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
+    normalization: str | Mapping[str, str] = "zscore",
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    label_mapping: str | os.PathLike | Mapping[Any, Any] | None = None,
+    num_samples: int = 2,
+    foreground_probability: float = 0.33,
+    rotate_prob: float = 0.2,
+    scale_prob: float = 0.2,
+    flip_prob: float = 0.5,
+    intensity_augmentation: bool = True,
+    image_key: str = "image",
+    label_key: str = "label",
+    channel_modalities: Sequence[str] | None = None,
+    modality_key: str = "modality",
+    image_channel_dim: int | None = None,
+    suv_max: float = 20.0,
+) -> Compose:
+    """Fine-tuning training pipeline: shared deterministic part, label-aware crops, nnU-Net-style augmentation
+    (the deterministic part is exactly the pretraining one plus the label).
+
+    Args:
+        roi_size: patch size.
+        spacing, normalization, fingerprint, num_classes, label_mapping, channel_modalities, modality_key,
+            image_channel_dim, suv_max: see :func:`deterministic_transforms`.
+        num_samples: patches per volume per call (the dataset returns a list of ``num_samples`` dicts).
+        foreground_probability: share of patches centred on a foreground voxel (nnU-Net oversamples 33 %).
+        rotate_prob, scale_prob, flip_prob: spatial augmentation (see :func:`pretrain_transforms`).
+        intensity_augmentation: nnU-Net-style Gaussian noise (p 0.1), Gaussian blur (p 0.2), brightness
+            (x0.75-1.25, p 0.15) and gamma (0.7-1.5, p 0.3) on the image.
+        image_key, label_key: item keys.
+
+    Returns:
+        a Compose mapping an item to a list of ``num_samples`` dicts ``{"image": (C, *roi_size) float32,
+        "label": (1, *roi_size)}``.
+    """
+    keys = [image_key, label_key]
+    deterministic = deterministic_transforms(
+        image_key,
+        label_key,
+        spacing,
+        normalization,
+        fingerprint,
+        channel_modalities,
+        modality_key,
+        num_classes,
+        label_mapping,
+        image_channel_dim,
+        suv_max,
+    )
+    crop_size = _augmented_crop_size(roi_size, rotate_prob, scale_prob)
+    transforms = [
+        *deterministic.transforms,
+        SpatialPadd(keys, spatial_size=tuple(roi_size)),
+        RandCropByPosNegLabeld(
+            keys,
+            label_key=label_key,
+            spatial_size=crop_size,
+            pos=foreground_probability,
+            neg=1.0 - foreground_probability,
+            num_samples=num_samples,
+            allow_smaller=True,
+        ),
+        *_spatial_augmentation(keys, roi_size, rotate_prob, scale_prob, flip_prob, ["bilinear", "nearest"]),
+    ]
+    if intensity_augmentation:
+        transforms += [
+            RandGaussianNoised(image_key, prob=0.1, std=0.1),
+            RandGaussianSmoothd(
+                image_key, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2
+            ),
+            RandScaleIntensityd(image_key, factors=0.25, prob=0.15),
+            RandAdjustContrastd(image_key, gamma=(0.7, 1.5), prob=0.3),
+        ]
+    return Compose(transforms)
+
+
+def finetune_val_transforms(
+    spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
+    normalization: str | Mapping[str, str] = "zscore",
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    label_mapping: str | os.PathLike | Mapping[Any, Any] | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    channel_modalities: Sequence[str] | None = None,
+    modality_key: str = "modality",
+    image_channel_dim: int | None = None,
+    suv_max: float = 20.0,
+) -> Compose:
+    """Validation pipeline: the shared deterministic part on image and label, whole volumes (no crop).
+
+    Args:
+        see :func:`deterministic_transforms`.
+
+    Returns:
+        a Compose mapping an item to ``{"image": (C, H, W, D), "label": (1, H, W, D)}`` in RAS at ``spacing``;
+        sliding-window inference pads volumes smaller than its ROI itself.
+    """
+    return deterministic_transforms(
+        image_key,
+        label_key,
+        spacing,
+        normalization,
+        fingerprint,
+        channel_modalities,
+        modality_key,
+        num_classes,
+        label_mapping,
+        image_channel_dim,
+        suv_max,
+    )
+
+
+def inference_transforms(
+    spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
+    normalization: str | Mapping[str, str] = "zscore",
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None = None,
+    image_key: str = "image",
+    channel_modalities: Sequence[str] | None = None,
+    modality_key: str = "modality",
+    image_channel_dim: int | None = None,
+    suv_max: float = 20.0,
+) -> Compose:
+    """Inference pipeline: the shared deterministic part on the image only, invertible.
+
+    The image keeps its transform history, so a bundle can write predictions back in the input geometry
+    (same shape, affine and orientation as the input file) with
+    ``Invertd(keys="pred", transform=<this Compose>, orig_keys="image", nearest_interp=True)`` followed by
+    ``SaveImaged``. MONAI Label's string ``image_path`` passes through untouched.
+
+    Args:
+        see :func:`deterministic_transforms`.
+
+    Returns:
+        a Compose mapping ``{"image": path}`` to ``{"image": (C, H, W, D) float32 MetaTensor}``.
+    """
+    return deterministic_transforms(
+        image_key,
+        None,
+        spacing,
+        normalization,
+        fingerprint,
+        channel_modalities,
+        modality_key,
+        image_channel_dim=image_channel_dim,
+        suv_max=suv_max,
+    )
