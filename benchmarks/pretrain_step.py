@@ -82,7 +82,7 @@ def main() -> None:
             row = {"backend": backend, "mode": mode, "median_s": statistics.median(times), "times_s": times}
             results.append(row)
             print(
-                f"{args.size:>5} {backend:>7} {mode:>10}: median {row['median_s']:.2f} s/step over {len(times)}",
+                f"{args.size:>5} {backend:>7} {mode:>10}: median {row['median_s']:.2f} s/step",
                 flush=True,
             )
     by_key = {(r["backend"], r["mode"]): r["median_s"] for r in results}

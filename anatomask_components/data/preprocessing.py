@@ -189,7 +189,6 @@ def _spatial_augmentation(
     """Rotation (+-30 deg per axis), scaling (0.7-1.4), centre crop to the ROI, and flips per axis."""
     transforms: list = []
     if rotate_prob > 0 or scale_prob > 0:
-        interpolation = ["bilinear" if m != "nearest" else "nearest" for m in modes]
         transforms += [
             RandRotated(
                 keys,
@@ -198,7 +197,7 @@ def _spatial_augmentation(
                 range_z=ROTATION_RANGE_RAD,
                 prob=rotate_prob,
                 keep_size=True,
-                mode=interpolation,
+                mode=list(modes),
                 padding_mode="zeros",
             ),
             RandZoomd(
@@ -207,7 +206,7 @@ def _spatial_augmentation(
                 max_zoom=SCALE_RANGE[1],
                 prob=scale_prob,
                 keep_size=True,
-                mode=["trilinear" if m != "nearest" else "nearest" for m in modes],
+                mode=["nearest" if m == "nearest" else "trilinear" for m in modes],  # interpolate() names
                 padding_mode="constant",
             ),
             CenterSpatialCropd(keys, roi_size=tuple(roi_size)),
