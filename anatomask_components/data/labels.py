@@ -57,7 +57,8 @@ TOTALSEG_MR_IDS = {
     "inferior_vena_cava": 24,
 }
 
-# Target label sets (METHOD.md section 10), labels 1..N in this order, named with TotalSegmentator's names.
+# Target label sets of the FLARE22 and AMOS22 (task 2) challenges, labels 1..N in this order, named with
+# TotalSegmentator's names.
 FLARE22_CLASSES = (
     "liver",
     "kidney_right",

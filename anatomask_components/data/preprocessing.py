@@ -40,7 +40,7 @@ from anatomask_components.data.normalization import NormalizeByModalityd
 from anatomask_components.data.readers import RAS_LABELS, AnatoMaskReader
 from anatomask_components.data.validation import ValidateScand
 
-# Rotation and scaling ranges of the reference augmentation (METHOD.md section 9).
+# Rotation and scaling ranges of the AnatoMask reference code's augmentation.
 ROTATION_RANGE_RAD = math.radians(30.0)
 SCALE_RANGE = (0.7, 1.4)
 # With rotation or scaling on, the crop is taken this much larger, augmented, then centre-cropped to the
@@ -53,7 +53,7 @@ class PathSafeSpacingd(Spacingd):
 
     monai 1.6 ``Spacingd`` calls ``.update()`` on every item whose name starts with ``"<key>_"``, meant for
     the old ``image_meta_dict``; MONAI Label adds the string ``image_path``, which then crashes with
-    ``AttributeError: 'str' object has no attribute 'update'`` (BUNDLES.md trap 3). Such non-dict items
+    ``AttributeError: 'str' object has no attribute 'update'``. Such non-dict items
     are set aside during resampling and put back unchanged. Inversion is ``Spacingd``'s own.
     """
 
@@ -186,7 +186,10 @@ def _spatial_augmentation(
     flip_prob: float,
     modes: Sequence[str],
 ) -> list:
-    """Rotation (+-30 deg per axis), scaling (0.7-1.4), centre crop to the ROI, and flips per axis."""
+    """Rotation (+-30 deg per axis), scaling (0.7-1.4), centre crop to the ROI, and flips per axis.
+
+    ``modes`` gives the interpolation per key: ``"bilinear"`` for images, ``"nearest"`` for labels.
+    """
     transforms: list = []
     if rotate_prob > 0 or scale_prob > 0:
         transforms += [
@@ -233,7 +236,7 @@ def pretrain_transforms(
     """Pretraining pipeline: the shared deterministic part, padding to the ROI, one random crop, augmentation.
 
     Args:
-        roi_size: crop size (default 112 x 112 x 128, METHOD.md section 1).
+        roi_size: crop size (default 112 x 112 x 128, the AnatoMask pretraining crop).
         spacing, normalization, fingerprint, channel_modalities, modality_key, image_channel_dim, suv_max:
             see :func:`deterministic_transforms`.
         rotate_prob: probability of a random rotation (+-30 deg about each axis); reference 0.2.

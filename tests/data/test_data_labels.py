@@ -14,8 +14,8 @@ from anatomask_components.data.preprocessing import finetune_val_transforms
 from anatomask_components.data.validation import InvalidScanError
 from anatomask_components.data.writers import write_volume
 
-# Written out by hand from METHOD.md section 10 (target order) and DATA.md / TotalSegmentator's map
-# (source ids), so a slip in either table shows up here.
+# Written out by hand from the challenges' label orders and TotalSegmentator's class map (source ids),
+# so a slip in either table shows up here.
 FLARE22_FROM_TOTALSEG = {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}
 AMOS22_FROM_TOTALSEG = {
     1: 1,

@@ -92,7 +92,7 @@ def test_inference_output_inverts_to_the_input_geometry_and_tolerates_image_path
     files = make_phantom_files(tmp_path, flip=(True, False, True))
     preprocessing = inference_transforms()
     data = preprocessing({"image": str(files.image_path), "image_path": str(files.image_path)})
-    assert data["image_path"] == str(files.image_path)  # BUNDLES.md trap 3: survives Spacingd
+    assert data["image_path"] == str(files.image_path)  # MONAI Label's string key survives Spacingd
     data["pred"] = finetune_val_transforms()(files.item())["label"]
     inverted = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(data)["pred"]
     assert tuple(inverted.shape) == (1, *files.label.shape)
