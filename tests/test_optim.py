@@ -51,6 +51,7 @@ def test_decay_all_puts_every_parameter_in_the_decayed_group():
     assert no_decay["params"] == []
     assert len(decay["params"]) == len(list(model.parameters()))
     assert decay["weight_decay"] == 1e-5
+    torch.optim.AdamW([decay, no_decay], lr=1e-4)  # an empty group is accepted
 
 
 def test_frozen_parameters_are_left_out():

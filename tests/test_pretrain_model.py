@@ -174,6 +174,39 @@ def test_backends_agree_on_the_reconstruction(decoder):
     assert (dense - sparse).abs().max() < 1e-4 * dense.abs().max()
 
 
+@pytest.mark.parametrize("pooling", ["batch", "sample"])
+def test_densify_normalises_over_visible_voxels_and_fills_mask_tokens(pooling):
+    model = tiny_model(norm_pooling=pooling).eval()
+    with torch.no_grad():
+        for norm in model.densify_norms:
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.normal_(0.0, 1.0)
+    inputs, features = {}, []
+    model.sparse_encoder.register_forward_hook(lambda m, args, out: features.extend(out))
+    for i, proj in enumerate(model.densify_projs):
+        proj.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].detach()))
+    mask = random_mask(2, 12, 6)
+    with torch.no_grad():
+        model(torch.randn(2, 1, 32, 32, 48), mask)
+    assert sorted(inputs) == [0, 1, 2, 3]
+    for i, stage in enumerate(model.level_stages):
+        z, norm, token = inputs[i], model.densify_norms[i], model.mask_tokens[i]
+        factor = 16 // model.sparse_encoder.cumulative_strides[stage][0]
+        masked = voxel_mask(mask, (2, 2, 3), (factor,) * 3)[:, 0]
+        # masked positions hold the level's mask token
+        z_last = z.permute(0, 2, 3, 4, 1)  # channels last
+        assert torch.equal(z_last[masked], token.flatten().expand(int(masked.sum()), -1))
+        # visible positions: the encoder features normalised with statistics of the visible voxels only
+        f_last = features[stage].permute(0, 2, 3, 4, 1)
+        for group in [[0, 1]] if pooling == "batch" else [[0], [1]]:
+            f = torch.cat([f_last[b][~masked[b]] for b in group])  # (N, C)
+            expected = (f - f.mean(0)) / torch.sqrt(
+                f.var(0, correction=0) + norm.eps
+            ) * norm.weight + norm.bias
+            got = torch.cat([z_last[b][~masked[b]] for b in group])
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_mask_tokens_only_fill_masked_positions():
     model = tiny_model()
     x = torch.randn(2, 1, 32, 32, 48)

@@ -224,7 +224,12 @@ def _backend_features(pooling, shape, seed):
 
 @pytest.mark.parametrize("pooling", ["sample", "batch"])
 @pytest.mark.parametrize(
-    "shape,seed", [((2, 1, 32, 32, 48), 0), ((3, 1, 32, 48, 32), 1), ((2, 1, 64, 64, 64), 2)]
+    "shape,seed",
+    [
+        ((2, 1, 32, 32, 48), 0),
+        ((3, 1, 32, 48, 32), 1),
+        pytest.param((2, 1, 64, 64, 64), 2, marks=pytest.mark.slow),
+    ],
 )
 def test_backends_agree_on_visible_voxels_and_zero_masked_ones(pooling, shape, seed):
     needs_spconv()
