@@ -149,6 +149,17 @@ def phantoms(
     print(f"[phantoms] {n_cases} {modality} cases ({layout} layout) -> {dest}")
 
 
+def report(path: str) -> None:
+    """Print the DSC/NSD table of a fine-tuning evaluation (its summary.json or metrics.csv).
+
+    Args:
+        path: ``eval/summary.json`` or ``eval/metrics.csv`` written by a fine-tuning bundle's evaluate.json.
+    """
+    from anatomask_components.evaluation import report as print_report
+
+    print_report(path)
+
+
 COMMANDS = {
     "info": info,
     "datalist": datalist,
@@ -156,6 +167,7 @@ COMMANDS = {
     "check-data": check_data,
     "fetch-examples": fetch_examples,
     "phantoms": phantoms,
+    "report": report,
 }
 
 

@@ -88,17 +88,20 @@ _LESION_CONNECTIVITY = ndimage.generate_binary_structure(3, 2)
 AUTOPET_CHANNEL_FILES = ("CTres.nii.gz", "SUV.nii.gz")
 
 
-def case_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[str]:
+def case_ids(
+    items: Sequence[Mapping[str, Any]], image_key: str = "image", root: str | os.PathLike | None = None
+) -> list[str]:
     """Unique, readable case names for datalist items.
 
     A case is named after its image file (or, for a list of channel files, their common folder),
-    relative to the folder that holds all cases, without the image suffix and with ``/`` replaced by
-    ``_``: ``images/case_001.nii.gz`` -> ``case_001``, ``PETCT_0a1/03-2001/{CTres,SUV}.nii.gz`` ->
-    ``PETCT_0a1_03-2001``. Repeated names get ``_2``, ``_3``, ...
+    relative to ``root`` (default: the folder that holds all cases), without the image suffix and with
+    ``/`` replaced by ``_``: ``images/case_001.nii.gz`` -> ``case_001``,
+    ``PETCT_0a1/03-2001/{CTres,SUV}.nii.gz`` -> ``PETCT_0a1_03-2001``. Repeated names get ``_2``, ...
 
     Args:
         items: datalist items.
         image_key: the item key of the image path (or list of channel paths).
+        root: the folder names are relative to; it must hold every case.
 
     Returns:
         one name per item.
@@ -114,10 +117,15 @@ def case_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> li
         anchors.append(Path(paths[0] if len(paths) == 1 else os.path.commonpath(paths)))
     if not anchors:
         return []
-    root = Path(os.path.commonpath([a.parent for a in anchors]))
+    root = (
+        Path(os.path.abspath(root))
+        if root is not None
+        else Path(os.path.commonpath([a.parent for a in anchors]))
+    )
     names: list[str] = []
     for anchor in anchors:
-        name = str(anchor.relative_to(root))
+        relative = anchor.relative_to(root)
+        name = str(relative) if relative.parts else anchor.name
         suffix = image_suffix(name)
         name = (name[: -len(suffix)] if suffix else name).replace(os.sep, "_")
         unique, repeat = name, 1
@@ -129,10 +137,13 @@ def case_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> li
 
 
 def with_case_ids(
-    items: Sequence[Mapping[str, Any]], image_key: str = "image", case_key: str = "case"
+    items: Sequence[Mapping[str, Any]],
+    image_key: str = "image",
+    case_key: str = "case",
+    root: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Copies of ``items`` with a ``case`` name (:func:`case_ids`) where they have none."""
-    names = case_ids(items, image_key)
+    names = case_ids(items, image_key, root)
     return [{case_key: name, **item} for item, name in zip(items, names)]
 
 
@@ -217,7 +228,8 @@ def inference_items(
         raise InvalidScanError(source, f"no {wanted} found")
     if modality is not None:
         items = [{"modality": modality, **item} for item in items]
-    return with_case_ids(items)
+    folder = source if source.is_dir() and not is_dicom_series_dir(source) else None
+    return with_case_ids(items, root=folder)
 
 
 def reference_label_transforms(

@@ -195,7 +195,8 @@ def align_to_reference(
     """Bring a prediction and a reference label map onto one voxel grid, exactly.
 
     The prediction is in its input image's geometry; the reference label file may store the same voxels
-    with axes permuted or flipped (e.g. a NIfTI label of a DICOM series). Both are then reoriented to RAS.
+    with axes permuted or flipped (e.g. a NIfTI label of a DICOM series). If the two grids differ, both
+    are reoriented to RAS, which makes equal grids identical.
 
     Args:
         prediction: (1, H, W, D) label map with its affine.
