@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e ".[sparse,dev]"
+	$(PY) -m pip install -q -e ".[sparse,dev,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,8 +31,10 @@ format: install
 	$(PY) -m ruff format anatomask_components tests benchmarks
 	$(PY) -m ruff check --fix anatomask_components tests benchmarks
 
+# QUICK=1: fewer steps, same stages and report; DEMO_OUTPUT: where the runs and the report go.
+DEMO_OUTPUT ?= demo_output
 demo: install
-	@echo "The end-to-end demo is not built yet (see the open demo issue)."
+	$(VENV)/bin/anatomask demo --output $(DEMO_OUTPUT) $(if $(QUICK),--quick)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(DEMO_OUTPUT)

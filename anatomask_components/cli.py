@@ -160,6 +160,28 @@ def report(path: str) -> None:
     print_report(path)
 
 
+def demo(
+    output: str = "demo_output",
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    report_only: bool = False,
+) -> None:
+    """The end-to-end demo on real CT: pretrain (SparK and AnatoMask), fine-tune FLARE22 three ways, evaluate
+    and infer on an unseen DICOM series, and write ``<output>/report.html`` and ``report.md``.
+
+    Args:
+        output: output folder (its run folders are recreated).
+        quick: fewer steps, same stages and report (a few minutes on 2 CPU cores).
+        seed: seed of every run.
+        cache_dir: where the example archive is kept (default $ANATOMASK_CACHE or ~/.cache/anatomask).
+        report_only: rebuild the report from an earlier run's results.json.
+    """
+    from anatomask_components.demo import run_demo
+
+    run_demo(output, quick=quick, seed=seed, cache_dir=cache_dir, report_only=report_only)
+
+
 COMMANDS = {
     "info": info,
     "datalist": datalist,
@@ -168,6 +190,7 @@ COMMANDS = {
     "fetch-examples": fetch_examples,
     "phantoms": phantoms,
     "report": report,
+    "demo": demo,
 }
 
 

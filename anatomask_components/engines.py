@@ -210,7 +210,7 @@ class ReconstructionInference:
     def __call__(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
         from monai.data import MetaTensor
 
-        from anatomask_components.patches import patch_grid, patchify, unpatchify
+        from anatomask_components.patches import paste_reconstruction, patch_grid, patchify, unpatchify
 
         network = engine.network
         network.eval()
@@ -234,12 +234,8 @@ class ReconstructionInference:
             mask = reconstruction_guided_mask(
                 scores, self.mask_ratio, self.hard_ratio, candidates=mask, generator=generator
             )
-        reconstruction = network(x, mask)
+        composite = paste_reconstruction(network(x, mask), x, mask, patch)
         target = patchify(x, patch)
-        pred = patchify(reconstruction, patch)
-        mean = target.mean(dim=-1, keepdim=True)
-        std = torch.sqrt(target.var(dim=-1, keepdim=True, unbiased=True) + 1e-6)
-        composite = torch.where(mask[..., None], pred * std + mean, target)
         visible = (~mask)[..., None].to(x.dtype)
         per_voxel_scores = scores[..., None].expand_as(target)
 
@@ -253,7 +249,7 @@ class ReconstructionInference:
         engine.state.output = {
             self.image_key: image,
             "masked": like_image(unpatchify(target * visible, patch, grid)),
-            "reconstruction": like_image(unpatchify(composite, patch, grid)),
+            "reconstruction": like_image(composite),
             "scores": like_image(unpatchify(per_voxel_scores, patch, grid)),
             "mask": mask.cpu(),
         }

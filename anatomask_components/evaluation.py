@@ -59,6 +59,7 @@ __all__ = [
     "datalist_section",
     "format_report",
     "inference_items",
+    "atomic_write_text",
     "read_metrics_csv",
     "reference_label_transforms",
     "report",
@@ -451,7 +452,9 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: readers never see a partial file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -488,9 +491,9 @@ def write_metrics(
     writer.writeheader()
     for row in rows:
         writer.writerow({c: _csv_value(row.get(c, "")) for c in columns})
-    _atomic_write_text(Path(csv_path), text.getvalue())
+    atomic_write_text(Path(csv_path), text.getvalue())
     summary = summarize(rows)
-    _atomic_write_text(Path(summary_path), json.dumps(summary, indent=4) + "\n")
+    atomic_write_text(Path(summary_path), json.dumps(summary, indent=4) + "\n")
     return summary
 
 

@@ -1,5 +1,7 @@
-"""Ignite handlers of the fine-tuning bundles.
+"""Ignite handlers of the bundles.
 
+- :class:`TrainingProgress`: progress lines with the time left, and a JSON-lines log of every iteration's
+  scalars (all bundles).
 - :class:`PretrainedWeightsLoader`: initialise the network from pretrained weights at the start of training
   and log what was loaded (MONAI's ``CheckpointLoader(strict_shape=False)`` silently loads nothing).
 - :class:`BestModelSaver`: write ``models/model.pt`` (flat state dict, atomically) when validation improves.
@@ -15,9 +17,11 @@ import json
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from anatomask_components.data.validation import GRID_TOLERANCE_MM, find_invalid
 from anatomask_components.data.writers import write_volume
 from anatomask_components.evaluation import (
     DEFAULT_TOLERANCE_MM,
+    atomic_write_text,
     case_metrics,
     format_report,
     voxel_spacing,
@@ -47,6 +52,8 @@ __all__ = [
     "CaseInference",
     "PretrainedWeightsLoader",
     "SegmentationMetricsSaver",
+    "TrainingProgress",
+    "read_training_log",
     "align_to_reference",
     "write_label_map",
 ]
@@ -83,6 +90,8 @@ class PretrainedWeightsLoader:
         network_key: ``"student"`` or ``"teacher"`` for training checkpoints of the pretraining bundle.
         adapt_channels: adapt the input convolutions to the network's input channels.
         require_all: fail unless every network tensor is loaded.
+        report_path: also write the report as JSON here (counts and tensor names; ``{"source": null}`` when
+            training from scratch), e.g. ``runs/weight_transfer.json``.
     """
 
     def __init__(
@@ -92,12 +101,14 @@ class PretrainedWeightsLoader:
         network_key: str = "student",
         adapt_channels: bool = True,
         require_all: bool = False,
+        report_path: str | os.PathLike | None = None,
     ) -> None:
         self.load_path = load_path
         self.network = network
         self.network_key = network_key
         self.adapt_channels = adapt_channels
         self.require_all = require_all
+        self.report_path = Path(report_path) if report_path else None
         self.report: WeightTransferReport | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -106,6 +117,9 @@ class PretrainedWeightsLoader:
     def __call__(self, engine: Engine | None = None) -> WeightTransferReport | None:
         if not self.load_path:
             logger.info("no pretrained weights given (pretrained_weights is empty): training from scratch")
+            self._write_report(
+                {"source": None, "num_network_tensors": len(unwrap_model(self.network).state_dict())}
+            )
             return None
         self.report = transfer_weights(
             self.network,
@@ -115,7 +129,129 @@ class PretrainedWeightsLoader:
             require_all=self.require_all,
         )
         logger.info(self.report.summary())
+        self._write_report(
+            {
+                **asdict(self.report),
+                "num_transferred": self.report.num_transferred,
+                "num_initial": self.report.num_initial,
+                "summary": self.report.summary(),
+            }
+        )
         return self.report
+
+    def _write_report(self, report: dict[str, Any]) -> None:
+        if self.report_path is not None and _is_main_process():
+            atomic_write_text(self.report_path, json.dumps(report, indent=4) + "\n")
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+class TrainingProgress:
+    """Progress of a training run: a line every few iterations with the time left, and a JSON-lines log.
+
+    Each printed line reads ``train: epoch 3/80, iteration 7/240, loss 0.8123, 0.95 s/it, elapsed 0:07,
+    left 3:46``; the time left is extrapolated from the iterations run so far in this process (a resumed
+    run does not count the iterations it skipped). Every iteration appends one JSON object to ``log_path``:
+    ``{"iteration", "epoch", "seconds" (that iteration's wall time), "elapsed", <scalars>, "peak_rss_mb",
+    "peak_gpu_mb" (CUDA only)}``. A run that starts from iteration 0 truncates the log; a resumed one
+    appends (:func:`read_training_log` keeps the last entry of each iteration). Main process only.
+
+    Args:
+        log_path: the JSON-lines file, or None to print only.
+        print_every: print every N iterations (and the first and last).
+        output_transform: engine output -> ``{name: float}`` (default: ``{"loss": output["loss"]}``).
+        tag: prefix of the printed lines.
+    """
+
+    def __init__(
+        self,
+        log_path: str | os.PathLike | None = None,
+        print_every: int = 10,
+        output_transform: Callable[[Any], Mapping[str, float]] | None = None,
+        tag: str = "train",
+    ) -> None:
+        self.log_path = Path(log_path) if log_path else None
+        self.print_every = max(1, int(print_every))
+        self.output_transform = output_transform or (lambda output: {"loss": output["loss"]})
+        self.tag = tag
+        self._start_time: float | None = None
+        self._start_iteration = 0
+        self._last_time = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._mark_start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _mark_start(self, engine: Engine) -> None:
+        if self._start_time is not None:
+            return
+        self._start_time = self._last_time = time.perf_counter()
+        self._start_iteration = engine.state.iteration - 1
+        if self.log_path is not None and _is_main_process():
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if self._start_iteration == 0:
+                self.log_path.write_text("")
+
+    def __call__(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        now = time.perf_counter()
+        seconds, self._last_time = now - self._last_time, now
+        elapsed = now - (self._start_time or now)
+        state = engine.state
+        total = (state.epoch_length or 1) * (state.max_epochs or 1)
+        done = state.iteration - self._start_iteration
+        scalars = {k: float(v) for k, v in self.output_transform(state.output).items()}
+        entry = {
+            "iteration": state.iteration,
+            "epoch": state.epoch,
+            "seconds": round(seconds, 4),
+            "elapsed": round(elapsed, 3),
+            **scalars,
+            **{k: round(v, 1) for k, v in _peak_memory_mb().items()},
+        }
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if state.iteration % self.print_every == 0 or state.iteration in (self._start_iteration + 1, total):
+            per_iteration = elapsed / max(done, 1)
+            values = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+            logger.info(
+                "%s: epoch %d/%d, iteration %d/%d, %s, %.2f s/it, elapsed %s, left %s",
+                self.tag,
+                state.epoch,
+                state.max_epochs,
+                state.iteration,
+                total,
+                values,
+                per_iteration,
+                _format_duration(elapsed),
+                _format_duration(per_iteration * (total - state.iteration)),
+            )
+
+
+def read_training_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of a :class:`TrainingProgress` log, one per iteration in order (the last entry of an
+    iteration that a resumed run repeated)."""
+    entries: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                entries[int(entry["iteration"])] = entry
+    return [entries[k] for k in sorted(entries)]
 
 
 class BestModelSaver:
@@ -456,11 +592,7 @@ class CaseInference:
     def finish(self, engine: Engine | None = None) -> None:
         """Write ``inference_report.json`` and log the outcome; raise if no case could be segmented."""
         report = {"written": self.written, "failed": self.failed}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.output_dir, prefix=".inference_report.", suffix=".tmp")
-        with os.fdopen(handle, "w") as f:
-            json.dump(report, f, indent=4)
-        os.replace(temporary, self.report_path)
+        atomic_write_text(self.report_path, json.dumps(report, indent=4))
         logger.info(
             "inference: %d case(s) written, %d failed; report %s",
             len(self.written),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["patch_grid", "patchify", "unpatchify", "mask_to_visible_grid"]
+__all__ = ["patch_grid", "patchify", "unpatchify", "mask_to_visible_grid", "paste_reconstruction"]
 
 
 def patch_grid(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
@@ -69,3 +69,28 @@ def mask_to_visible_grid(mask: torch.Tensor, grid: Sequence[int]) -> torch.Tenso
         ``(B, 1, h, w, d)`` bool, True where the patch is visible.
     """
     return (~mask.bool()).reshape(mask.shape[0], 1, *grid)
+
+
+def paste_reconstruction(
+    reconstruction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, patch_size: Sequence[int]
+) -> torch.Tensor:
+    """The input with its masked patches replaced by the reconstruction, back on the input's scale.
+
+    The decoder predicts per-patch normalised values (the training target), so each masked patch is
+    de-normalised with the mean and unbiased standard deviation of the input patch it replaces.
+
+    Args:
+        reconstruction: ``(B, C, H, W, D)`` decoder output.
+        x: ``(B, C, H, W, D)`` input.
+        mask: ``(B, L)`` bool, True = masked.
+        patch_size: the mask unit.
+
+    Returns:
+        ``(B, C, H, W, D)``: reconstructed masked patches, input elsewhere.
+    """
+    grid = patch_grid(x.shape[2:], patch_size)
+    target = patchify(x, patch_size)
+    pred = patchify(reconstruction, patch_size)
+    mean = target.mean(dim=-1, keepdim=True)
+    std = torch.sqrt(target.var(dim=-1, keepdim=True, unbiased=True) + 1e-6)
+    return unpatchify(torch.where(mask[..., None], pred * std + mean, target), patch_size, grid)

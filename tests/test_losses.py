@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from anatomask_components.losses import masked_patch_mse, normalize_patches, patch_scores
-from anatomask_components.patches import mask_to_visible_grid, patch_grid, patchify, unpatchify
+from anatomask_components.patches import (
+    mask_to_visible_grid,
+    paste_reconstruction,
+    patch_grid,
+    patchify,
+    unpatchify,
+)
 
 EPS = 1e-6
 
@@ -147,3 +153,21 @@ def test_patch_scores_raw_and_normalized():
         one = torch.zeros(1, 8, dtype=torch.bool)
         one[0, j] = True
         torch.testing.assert_close(normalized[0, j], masked_patch_mse(recon, image, one, (2, 2, 2)))
+
+
+def test_paste_reconstruction_denormalises_masked_patches_and_keeps_visible_ones():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, 4) * 3 + 5
+    reconstruction = torch.randn_like(x)
+    mask = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    pasted = paste_reconstruction(reconstruction, x, mask, (4, 4, 4))
+    pasted_patches, input_patches = patchify(pasted, (4, 4, 4)), patchify(x, (4, 4, 4))
+    predicted = patchify(reconstruction, (4, 4, 4))
+    for b in range(2):
+        for j in range(4):
+            if mask[b, j]:
+                patch = input_patches[b, j]
+                std = torch.sqrt(patch.var(unbiased=True) + 1e-6)
+                torch.testing.assert_close(pasted_patches[b, j], predicted[b, j] * std + patch.mean())
+            else:
+                assert torch.equal(pasted_patches[b, j], input_patches[b, j])

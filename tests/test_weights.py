@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -246,3 +247,18 @@ def test_handler_logs_report_or_scratch(tmp_path, caplog):
 
 class _Opaque:
     """A pickled object that a weights-only load must refuse."""
+
+
+def test_handler_writes_the_report_as_json(tmp_path):
+    path = tmp_path / "encoder.pt"
+    source = STUNet(1, 3, **TINY)
+    torch.save({k: v for k, v in source.state_dict().items() if k.startswith("conv_blocks_context.")}, path)
+    scratch_json, loaded_json = tmp_path / "scratch.json", tmp_path / "run" / "weight_transfer.json"
+    PretrainedWeightsLoader("", STUNet(1, 3, **TINY), report_path=scratch_json)()
+    assert json.loads(scratch_json.read_text()) == {"source": None, "num_network_tensors": 106}
+    report = PretrainedWeightsLoader(str(path), STUNet(1, 3, **TINY), report_path=loaded_json)()
+    written = json.loads(loaded_json.read_text())
+    assert written["num_transferred"] == report.num_transferred == 50
+    assert written["num_initial"] == 56 and written["num_network_tensors"] == 106
+    assert written["loaded"] == report.loaded and written["missing"] == report.missing
+    assert written["source"] == str(path) and written["summary"] == report.summary()

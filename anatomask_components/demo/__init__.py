@@ -1,0 +1,16 @@
+"""The end-to-end demo on real CT (``make demo``, ``anatomask demo``).
+
+Unlabelled CT in, two pretrained backbones (SparK's random masking and AnatoMask), three fine-tuned
+FLARE22 segmenters (from scratch, from each encoder), their evaluation and inference on an unseen DICOM
+series, and a report with pictures. Every training, evaluation and inference step runs a copy of a bundle
+of this repository with ``python -m monai.bundle run`` and a demo override config, so each run leaves a
+bundle folder that works on its own.
+
+- :mod:`~anatomask_components.demo.pipeline`: the settings, the stages and the bundle runs;
+- :mod:`~anatomask_components.demo.analysis`: what the teacher finds hard (top-k statistics, figure data);
+- :mod:`~anatomask_components.demo.report`: the figures and ``report.html`` / ``report.md``.
+"""
+
+from anatomask_components.demo.pipeline import DemoSettings, run_demo
+
+__all__ = ["DemoSettings", "run_demo"]

@@ -1,0 +1,486 @@
+"""The demo's settings and stages: fetch real CT, pretrain twice, fine-tune three times, evaluate, infer.
+
+Each stage copies a bundle of this repository into ``<output>/<run>/`` (configs, docs, licence), writes the
+demo's settings as ``configs/demo_override.json`` and runs
+
+    python -m monai.bundle run --config_file "['configs/train.json', 'configs/demo_override.json']"
+
+in that folder, so that what the demo shows is what the bundles do. The same settings are written into the
+copy's ``configs/inference.json``, which therefore runs on its own there. The run's stdout goes to
+``<run>/demo_<step>.log``; its progress lines (stage, iteration, loss, time left) are echoed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUNDLES_DIR", "DemoError", "DemoSettings", "prepare_bundle", "run_bundle", "run_demo"]
+
+BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
+PRETRAIN_BUNDLE = "anatomask_pretrain"
+FINETUNE_BUNDLE = "anatomask_finetune_flare22"
+PRETRAIN_RUNS = {"spark": "random", "anatomask": "anatomask"}  # run name -> masking
+FINETUNE_INITS = ("scratch", "spark", "anatomask")
+# copied into each run folder; models/, runs/, eval/ are the run's own
+BUNDLE_FILES = ("configs", "docs", "LICENSE", "large_files.yml")
+# log lines worth echoing while a bundle runs (the rest stays in the run's log file)
+_ECHO = re.compile(
+    r"anatomask_components\.(handlers|checkpointing)|Metrics --|Key metric"
+    r"|ERROR|Error|Traceback|WARNING.*invalid"
+)
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ - (\S+ - )?(INFO|WARNING|ERROR) - ")
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed; the message names the stage and its log file."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo's runs share; the full and quick presets differ only in the number of steps.
+
+    Args:
+        quick: the quick preset (fewer steps, same stages).
+        seed: seed of every run (network initialisation, crops, masks).
+        spacing: voxel size in mm for pretraining and fine-tuning (3 mm: case A's native grid).
+        roi_size: pretraining and fine-tuning crop, also the sliding-window size.
+        depths, dims: the small STU-Net (six stages, default TotalSegmentator strides; the pretraining
+            encoder is its first five stages, total stride 16, so the mask unit is 16^3 voxels).
+        mask_ratio: masked fraction of patches (paper: 0.6).
+        hard_ratio_end: r_T (paper: 0.5).
+        pretrain_epochs: pretraining epochs; one epoch is one pass over the 3 unlabelled CT at batch 1.
+        pretrain_warmup_epochs: linear learning-rate warm-up.
+        save_every_epochs: pretraining checkpoint interval (divides ``pretrain_epochs``).
+        ema_momentum: teacher EMA momentum, start and end of the first quarter (paper: 0.999 -> 0.9999,
+            scaled here because the demo runs hundreds of steps, not hundreds of thousands).
+        pretrain_lr: AdamW learning rate of pretraining (paper: 1e-4 for ~300k iterations; 1e-3 here so
+            that a few hundred iterations learn visibly).
+        finetune_epochs, iterations_per_epoch, val_interval: fine-tuning length and validation interval.
+        finetune_lr: AdamW learning rate of fine-tuning (paper: 1e-4; 1e-3 here, for the same reason).
+        sw_overlap: sliding-window overlap of validation, evaluation and inference (bundle default 0.5).
+        analysis_masks: random masks per case in the top-k analysis.
+        progress_every: iterations between progress lines.
+    """
+
+    quick: bool = False
+    seed: int = 0
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    depths: tuple[int, ...] = (1, 1, 1, 1, 1, 1)
+    dims: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
+    mask_ratio: float = 0.6
+    hard_ratio_end: float = 0.5
+    pretrain_epochs: int = 80
+    pretrain_warmup_epochs: int = 2
+    save_every_epochs: int = 10
+    ema_momentum: tuple[float, float] = (0.98, 0.99)
+    pretrain_lr: float = 1e-3
+    finetune_epochs: int = 8
+    iterations_per_epoch: int = 25
+    val_interval: int = 4
+    finetune_lr: float = 1e-3
+    sw_overlap: float = 0.5
+    analysis_masks: int = 8
+    progress_every: int = 10
+
+    @classmethod
+    def preset(cls, quick: bool = False, seed: int = 0) -> DemoSettings:
+        """The full demo (about 20 minutes on 2 CPU cores) or the quick one (same stages, fewer steps)."""
+        if not quick:
+            return cls(seed=seed)
+        return cls(
+            quick=True,
+            seed=seed,
+            pretrain_epochs=6,
+            pretrain_warmup_epochs=1,
+            save_every_epochs=3,
+            finetune_epochs=2,
+            iterations_per_epoch=8,
+            val_interval=2,
+            analysis_masks=2,
+            progress_every=4,
+        )
+
+    @property
+    def pretrain_iterations(self) -> int:
+        return self.pretrain_epochs * 3
+
+    @property
+    def finetune_iterations(self) -> int:
+        return self.finetune_epochs * self.iterations_per_epoch
+
+
+@dataclass
+class StageResult:
+    """One bundle run: what ran, how long, how much memory."""
+
+    name: str
+    folder: str
+    command: list[str]
+    log: str
+    wall_s: float
+    peak_rss_mb: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def _network_override(settings: DemoSettings) -> dict[str, Any]:
+    return {
+        "seed": settings.seed,
+        "spacing": list(settings.spacing),
+        "roi_size": list(settings.roi_size),
+        "stunet_depths": list(settings.depths),
+        "stunet_dims": list(settings.dims),
+    }
+
+
+def pretrain_override(settings: DemoSettings, masking: str, datalist: Path) -> dict[str, Any]:
+    """The pretraining bundle's settings for one demo run (``masking``: ``"random"`` or ``"anatomask"``)."""
+    return {
+        **_network_override(settings),
+        "datalist": str(datalist),
+        "masking": masking,
+        "mask_ratio": settings.mask_ratio,
+        "hard_ratio_end": settings.hard_ratio_end,
+        "max_epochs": settings.pretrain_epochs,
+        "warmup_epochs": settings.pretrain_warmup_epochs,
+        "learning_rate": settings.pretrain_lr,
+        "ema_momentum_start": settings.ema_momentum[0],
+        "ema_momentum_end": settings.ema_momentum[1],
+        "batch_size": 1,
+        "num_workers": 0,
+        "rotate_prob": 0.0,
+        "scale_prob": 0.0,
+        "save_every_epochs": settings.save_every_epochs,
+        "keep_last_checkpoints": 1,
+        "progress_every_iterations": settings.progress_every,
+    }
+
+
+def finetune_override(settings: DemoSettings, datalist: Path, test_scan: Path, encoder: Path | None) -> dict:
+    """The FLARE22 bundle's settings for one demo run (``encoder``: a pretraining export, or None)."""
+    return {
+        **_network_override(settings),
+        "datalist": str(datalist),
+        "dataset_dir": str(test_scan),
+        "pretrained_weights": str(encoder) if encoder is not None else "",
+        "max_epochs": settings.finetune_epochs,
+        "iterations_per_epoch": settings.iterations_per_epoch,
+        "val_interval": settings.val_interval,
+        "learning_rate": settings.finetune_lr,
+        "num_samples": 1,
+        "num_workers": 0,
+        "rotate_prob": 0.0,
+        "scale_prob": 0.0,
+        "sw_batch_size": 1,
+        "sw_overlap": settings.sw_overlap,
+        "progress_every_iterations": settings.progress_every,
+    }
+
+
+def _write_json(path: Path, content: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=4) + "\n")
+    return path
+
+
+def prepare_bundle(bundle: str | os.PathLike, folder: str | os.PathLike, override: Mapping[str, Any]) -> Path:
+    """A fresh copy of a bundle with the demo's override, runnable on its own.
+
+    Copies the bundle's configs, docs and licence into ``folder`` (emptied first), writes ``override`` as
+    ``configs/demo_override.json`` and applies it to the copy's ``configs/inference.json`` (the keys that
+    file defines), so that ``python -m monai.bundle run --config_file configs/inference.json`` uses the
+    same network, spacing and data there.
+
+    Returns:
+        the folder.
+    """
+    source, folder = Path(bundle), Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name in BUNDLE_FILES:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, folder / name)
+        elif path.is_file():
+            shutil.copy2(path, folder / name)
+    _write_json(folder / "configs" / "demo_override.json", dict(override))
+    inference = folder / "configs" / "inference.json"
+    if inference.is_file():
+        config = json.loads(inference.read_text())
+        config.update({k: v for k, v in override.items() if k in config})
+        _write_json(inference, config)
+    return folder
+
+
+def _echo(line: str, indent: str = "    ") -> None:
+    if _ECHO.search(line):
+        print(indent + _LOG_PREFIX.sub("", line.rstrip()), flush=True)
+
+
+def run_bundle(
+    folder: str | os.PathLike, config_files: Sequence[str], name: str, log_name: str
+) -> StageResult:
+    """Run ``python -m monai.bundle run`` in a bundle folder, echoing progress; measure time and memory.
+
+    Args:
+        folder: the bundle folder (the working directory of the run).
+        config_files: config files relative to ``folder``, merged in order.
+        name: the stage name (for messages).
+        log_name: file name of the full log inside ``folder``.
+
+    Returns:
+        the :class:`StageResult` (peak RSS of the bundle process, from the kernel's accounting).
+
+    Raises:
+        DemoError: the run exited with an error; the message names the log and shows its end.
+    """
+    folder = Path(folder)
+    files = (
+        config_files[0] if len(config_files) == 1 else "[" + ",".join(f"'{f}'" for f in config_files) + "]"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--meta_file",
+        "configs/metadata.json",
+        "--logging_file",
+        "configs/logging.conf",
+    ]
+    log_path = folder / log_name
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            _echo(line)
+        process.stdout.close()
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise DemoError(f"{name} failed (exit code {code}); full log: {log_path}\n{tail}")
+    return StageResult(
+        name, str(folder), ["python", *command[1:]], str(log_path), wall, usage.ru_maxrss / 1024.0
+    )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _write_demo_datalist(data: Path) -> Path:
+    """The pretraining datalist of the demo: the three example CT (unlabelled) for training, and case A as
+    the scan that the pretraining bundle's inference config reconstructs."""
+    pretrain = json.loads((data / "datalists" / "pretrain.json").read_text())
+    case_a = next(item for item in pretrain["training"] if "A_ct" in item["image"])
+    return _write_json(
+        data / "datalists" / "demo_pretrain.json",
+        {"training": pretrain["training"], "validation": [], "test": [case_a]},
+    )
+
+
+def run_demo(
+    output: str | os.PathLike = "demo_output",
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    report_only: bool = False,
+) -> Path:
+    """Run the whole demo and write ``<output>/report.html`` and ``report.md``.
+
+    Args:
+        output: output folder; its run folders are recreated, its ``data/`` is refreshed.
+        quick: fewer steps, same stages and report.
+        seed: seed of every run.
+        cache_dir: where the example archive is kept (default ``$ANATOMASK_CACHE`` or
+            ``~/.cache/anatomask``).
+        report_only: only rebuild the report from ``<output>/results.json`` of an earlier run.
+
+    Returns:
+        the path of ``report.html``.
+    """
+    from anatomask_components.demo.report import write_report
+
+    output = Path(output).resolve()
+    results_path = output / "results.json"
+    if report_only:
+        if not results_path.is_file():
+            raise DemoError(f"{results_path} does not exist: run the demo first")
+        return write_report(output, json.loads(results_path.read_text()))
+
+    from anatomask_components.data.examples import fetch_examples
+
+    settings = DemoSettings.preset(quick=quick, seed=seed)
+    start = time.perf_counter()
+    plan = [
+        *(f"pretrain_{run}" for run in PRETRAIN_RUNS),
+        *(f"reconstruct_{run}" for run in PRETRAIN_RUNS),
+        *(f"finetune_{init}" for init in FINETUNE_INITS),
+        *(f"evaluate_{init}" for init in FINETUNE_INITS),
+        *(f"infer_{init}" for init in FINETUNE_INITS),
+    ]
+    total_stages = len(plan) + 3  # + fetch, analysis, report
+
+    def announce(step: int, name: str, what: str) -> None:
+        print(
+            f"\n[demo {step}/{total_stages}] {name}: {what} (elapsed {_clock(time.perf_counter() - start)})",
+            flush=True,
+        )
+
+    print(
+        f"[demo] {'quick' if quick else 'full'} demo into {output}: pretraining "
+        f"{settings.pretrain_iterations} iterations x 2, fine-tuning {settings.finetune_iterations} "
+        f"iterations x 3, seed {seed}",
+        flush=True,
+    )
+    announce(1, "fetch", "example CT from the TotalSegmentator 2.18.0 source archive (sha256-pinned)")
+    data = output / "data"
+    fetch_start = time.perf_counter()
+    fetch_examples(str(data), None if cache_dir is None else str(cache_dir))
+    fetch_seconds = time.perf_counter() - fetch_start
+    pretrain_datalist = _write_demo_datalist(data)
+    flare_datalist = data / "datalists" / "flare22.json"
+    test_scan = data / "images" / "C_ct_dicom"
+
+    stages: list[StageResult] = []
+    step = 1
+    for run, masking in PRETRAIN_RUNS.items():
+        step += 1
+        name = f"pretrain_{run}"
+        announce(step, name, f"{settings.pretrain_iterations} iterations, masking={masking}")
+        folder = prepare_bundle(
+            BUNDLES_DIR / PRETRAIN_BUNDLE,
+            output / name,
+            pretrain_override(settings, masking, pretrain_datalist),
+        )
+        result = run_bundle(
+            folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
+        )
+        result.outputs = {
+            "training_log": str(folder / "runs" / "training_log.jsonl"),
+            "model": str(folder / "models" / "model.pt"),
+            "encoder": str(folder / "models" / "encoder.pt"),
+            "checkpoints": str(folder / "runs" / "checkpoints"),
+        }
+        stages.append(result)
+    for run in PRETRAIN_RUNS:
+        step += 1
+        name = f"reconstruct_{run}"
+        announce(
+            step, name, "the pretraining bundle's inference.json on case A (masked input, reconstruction)"
+        )
+        folder = output / f"pretrain_{run}"
+        result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log")
+        result.outputs = {"eval_dir": str(folder / "eval")}
+        stages.append(result)
+
+    for init in FINETUNE_INITS:
+        step += 1
+        name = f"finetune_{init}"
+        encoder = output / f"pretrain_{init}" / "models" / "encoder.pt" if init != "scratch" else None
+        announce(
+            step, name, f"FLARE22 bundle on case A, {settings.finetune_iterations} iterations, init {init}"
+        )
+        folder = prepare_bundle(
+            BUNDLES_DIR / FINETUNE_BUNDLE,
+            output / name,
+            finetune_override(settings, flare_datalist, test_scan, encoder),
+        )
+        result = run_bundle(
+            folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
+        )
+        result.outputs = {
+            "training_log": str(folder / "runs" / "training_log.jsonl"),
+            "weight_transfer": str(folder / "runs" / "weight_transfer.json"),
+            "model": str(folder / "models" / "model.pt"),
+        }
+        stages.append(result)
+    for init in FINETUNE_INITS:
+        step += 1
+        name = f"evaluate_{init}"
+        announce(step, name, "evaluate.json on case C (DICOM series; DSC and NSD in its own geometry)")
+        folder = output / f"finetune_{init}"
+        configs = ["configs/train.json", "configs/demo_override.json", "configs/evaluate.json"]
+        result = run_bundle(folder, configs, name, "demo_evaluate.log")
+        result.outputs = {
+            "summary": str(folder / "eval" / "summary.json"),
+            "metrics": str(folder / "eval" / "metrics.csv"),
+        }
+        stages.append(result)
+    for init in FINETUNE_INITS:
+        step += 1
+        name = f"infer_{init}"
+        announce(step, name, "inference.json on case C (label map in the DICOM series' geometry)")
+        folder = output / f"finetune_{init}"
+        result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log")
+        report = json.loads((folder / "predictions" / "inference_report.json").read_text())
+        result.outputs = {
+            "label_maps": [str(folder / case["label_map"]) for case in report["written"]],
+            "cases": report["written"],
+        }
+        stages.append(result)
+
+    step += 1
+    announce(step, "analysis", "what the teachers find hard: top-k patches in body and organs, figure data")
+    from anatomask_components.demo.analysis import analyse_pretraining
+
+    analysis_start = time.perf_counter()
+    analysis = analyse_pretraining(output, settings, flare_datalist)
+    analysis["seconds"] = time.perf_counter() - analysis_start
+
+    results = {
+        "settings": asdict(settings),
+        "seed": seed,
+        "output": str(output),
+        "data": str(data),
+        "fetch_seconds": fetch_seconds,
+        "stages": [asdict(s) for s in stages],
+        "analysis": analysis,
+        "environment": _environment(),
+    }
+    results["total_seconds_before_report"] = time.perf_counter() - start
+    _write_json(results_path, results)
+    step += 1
+    announce(step, "report", "figures, report.html and report.md")
+    report = write_report(output, results)
+    print(f"\n[demo] done in {_clock(time.perf_counter() - start)}: {report}", flush=True)
+    return report
+
+
+def _environment() -> dict[str, Any]:
+    """Versions and the device, for the report."""
+    import platform
+
+    import monai
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
