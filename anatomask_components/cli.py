@@ -2,11 +2,40 @@
 
 Each command lives next to the code it drives; this module only gathers them. Imports are done lazily
 inside the commands so that ``anatomask --help`` stays fast.
+
+Errors a user can cause and fix (a bad scan, a missing file, a malformed datalist, a wrong option, a failed
+download) end the command with one line on stderr, ``anatomask <command>: error: <message>``, and exit
+code 1; set ``ANATOMASK_DEBUG=1`` to get the traceback instead. Any other exception is a bug and keeps its
+traceback. ``COMMANDS`` holds the plain functions, which raise as usual when called from Python.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import fire
+
+
+class CommandFailed(Exception):
+    """A command ran to the end but found problems (``check-data`` with invalid items): exit code 1."""
+
+
+# OSError subclasses other than these (out of memory, too many open files, ...) are not the user's to fix.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    CommandFailed,
+    ValueError,  # InvalidScanError, bad options, malformed JSON
+    KeyError,  # a datalist item without a required key
+    RuntimeError,  # failed downloads; MONAI's "applying transform" wrapper (unwrapped first)
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def info() -> None:
@@ -67,15 +96,22 @@ def fingerprint(
     """
     from anatomask_components.data.fingerprint import compute_fingerprint
 
-    compute_fingerprint(
-        datalist,
-        output,
-        sections,
-        samples_per_case=samples_per_case,
-        seed=seed,
-        image_channel_dim=image_channel_dim,
-        on_error=on_error,
-    )
+    with warnings.catch_warnings():
+        # Listed in the summary below instead.
+        warnings.filterwarnings("ignore", message="fingerprint: skipping invalid item")
+        result = compute_fingerprint(
+            datalist,
+            output,
+            sections,
+            samples_per_case=samples_per_case,
+            seed=seed,
+            image_channel_dim=image_channel_dim,
+            on_error=on_error,
+        )
+    skipped = result["skipped"]
+    print(f"[fingerprint] {result['num_cases']} case(s) used, {len(skipped)} invalid case(s) skipped")
+    for error in skipped:
+        print(f"  skipped {error}")
 
 
 def check_data(
@@ -86,6 +122,9 @@ def check_data(
 ) -> None:
     """Load every scan of a datalist once and report unusable files; optionally write a cleaned datalist.
 
+    Prints how many items were checked and found invalid, per section, and exits with code 1 when any item
+    is invalid.
+
     Args:
         datalist: datalist JSON.
         num_classes: if given, label values must lie in 0..num_classes-1.
@@ -94,18 +133,36 @@ def check_data(
     """
     import json
 
-    from anatomask_components.data.validation import check_datalist
+    from anatomask_components.data.checks import check_datalist, load_datalist
 
-    cleaned, errors = check_datalist(
-        datalist, num_classes=num_classes, image_channel_dim=image_channel_dim, on_error="warn"
+    sections = ("training", "validation", "test")
+    content, name = load_datalist(datalist)
+    with warnings.catch_warnings():
+        # Listed in the summary below instead.
+        warnings.filterwarnings("ignore", message="skipping invalid item")
+        cleaned, errors = check_datalist(
+            content,
+            sections,
+            num_classes=num_classes,
+            image_channel_dim=image_channel_dim,
+            on_error="warn",
+            name=name,
+        )
+    counts = {section: len(content.get(section) or []) for section in sections}
+    per_section = "; ".join(
+        f"{section}: {counts[section]} checked, {counts[section] - len(cleaned[section])} invalid"
+        for section in sections
     )
-    print(f"[check-data] {len(errors)} invalid item(s)")
+    total = sum(counts.values())
+    print(f"[check-data] {name}: {total} checked, {len(errors)} invalid ({per_section})")
     for error in errors:
-        print(f"  {error}")
+        print(f"  invalid: {error}")
     if output is not None:
         with open(output, "w") as f:
             json.dump(cleaned, f, indent=4)
         print(f"[check-data] cleaned datalist -> {output}")
+    if errors:
+        raise CommandFailed(f"{len(errors)} of {total} items are invalid (listed above)")
 
 
 def fetch_examples(dest: str, cache_dir: str | None = None) -> None:
@@ -194,9 +251,54 @@ COMMANDS = {
 }
 
 
+def _unwrap(error: BaseException) -> BaseException:
+    """The error behind MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
+    from anatomask_components.data.validation import find_invalid_scan_error
+
+    invalid = find_invalid_scan_error(error)
+    if invalid is not None:
+        return invalid
+    while (
+        isinstance(error, RuntimeError)
+        and str(error).startswith("applying transform")
+        and error.__cause__ is not None
+    ):
+        error = error.__cause__
+    return error
+
+
+def error_message(error: BaseException) -> str:
+    """One line describing an expected error."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        message = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, KeyError) and type(error).__str__ is KeyError.__str__:
+        message = f"missing key {error}"  # a bare KeyError prints only the quoted key
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())
+
+
+def reporting_errors(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with expected errors turned into ``anatomask <name>: error: <message>`` and exit code 1."""
+
+    @functools.wraps(command)  # fire reads the signature and docstring through __wrapped__
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Exception as error:
+            cause = _unwrap(error)
+            debug = os.environ.get("ANATOMASK_DEBUG", "") not in ("", "0")
+            if debug or not isinstance(cause, EXPECTED_ERRORS):
+                raise
+            print(f"anatomask {name}: error: {error_message(cause)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    return run
+
+
 def main() -> None:
     """Entry point of the ``anatomask`` console script."""
-    fire.Fire(COMMANDS, name="anatomask")
+    fire.Fire({name: reporting_errors(name, command) for name, command in COMMANDS.items()}, name="anatomask")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The AnatoMask pretraining iteration for MONAI's Ignite workflows (METHOD.md section 2)."""
+"""The AnatoMask / SparK / HPM pretraining iteration for MONAI's Ignite workflows (METHOD.md 2 and 11)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
 from anatomask_components.determinism import sample_seed
-from anatomask_components.losses import masked_patch_mse, patch_scores
+from anatomask_components.losses import LossPredictionKind, loss_prediction_loss, masked_mean, patch_scores
 from anatomask_components.masking import (
     HardRatioSchedule,
     num_hard,
@@ -24,16 +24,32 @@ from anatomask_components.teacher import EMATeacher, unwrap_model
 __all__ = ["AnatoMaskIteration", "training_scalars"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Masking = Literal["anatomask", "random", "hpm"]
+_SCALARS = ("loss", "reconstruction_loss", "predictor_loss", "hard_ratio", "num_hard", "ema_momentum", "lr")
 
 
 class AnatoMaskIteration:
     """One pretraining step (teacher pass -> mask -> student pass) for ``SupervisedTrainer``.
 
+    The mask of every strategy has exactly ``n_masked`` patches per sample; ``k = floor(n_masked * r_t)``
+    of them are chosen by the teacher, the rest at random (:func:`reconstruction_guided_mask`):
+
+    - ``"anatomask"``: the teacher reconstructs the input under a random mask; its per-patch errors on
+      the patches it had masked rank them.
+    - ``"hpm"`` (Hard Patches Mining, SelfMedHPM): the teacher's loss predictor ranks every patch of the
+      UNMASKED input. The network needs a loss predictor.
+    - ``"random"``: SparK's uniformly random mask.
+
+    Whenever the network has a loss predictor (``loss_predictor`` of the pretraining models), it is
+    trained with every strategy: ``loss = reconstruction + predictor_weight * predictor loss``, its targets
+    being the detached per-patch reconstruction losses of the masked patches.
+
     Args:
-        masking: ``"anatomask"`` (reconstruction-guided self-masking) or ``"random"`` (SparK).
-        mask_ratio: fraction of masked patches (0.6).
-        teacher: the EMA teacher handler; required for ``"anatomask"``.
-        schedule: the hard-ratio schedule ``r_t``; required for ``"anatomask"``.
+        masking: ``"anatomask"``, ``"hpm"`` or ``"random"``.
+        mask_ratio: fraction of masked patches (0.6 AnatoMask, 0.75 HPM).
+        teacher: the EMA teacher handler; required for ``"anatomask"`` and ``"hpm"``.
+        schedule: the hard-ratio schedule ``r_t`` (HPM's ``alpha_t``); required for ``"anatomask"`` and
+            ``"hpm"``.
         lowest: take the lowest teacher scores ("low significance" ablation).
         teacher_target: ``"raw"`` scores against the raw patch (reference) or ``"normalized"`` against
             the per-patch normalised target the student is trained on.
@@ -41,14 +57,18 @@ class AnatoMaskIteration:
         precision: ``"fp32"`` (reference), ``"bf16"`` autocast, or ``"fp16"`` autocast with a grad scaler.
         seed: base seed of the masks; each iteration's masks depend only on (seed, rank, iteration).
         image_key: key of the image in the batch.
+        predictor_loss: loss of the loss predictor, ``"relative"`` (HPM default) or ``"absolute"``
+            (:func:`~anatomask_components.losses.loss_prediction_loss`).
+        predictor_weight: its weight in the total loss (1).
 
     Returns (per call): a dict with ``loss`` and the scalars that are logged (``hard_ratio``,
-    ``num_hard``, ``ema_momentum``, ``lr``).
+    ``num_hard``, ``ema_momentum``, ``lr``; with a loss predictor also ``reconstruction_loss`` and
+    ``predictor_loss``).
     """
 
     def __init__(
         self,
-        masking: Literal["anatomask", "random"] = "anatomask",
+        masking: Masking = "anatomask",
         mask_ratio: float = 0.6,
         teacher: EMATeacher | None = None,
         schedule: HardRatioSchedule | None = None,
@@ -58,13 +78,17 @@ class AnatoMaskIteration:
         precision: Precision = "fp32",
         seed: int = 0,
         image_key: str = "image",
+        predictor_loss: LossPredictionKind = "relative",
+        predictor_weight: float = 1.0,
     ) -> None:
-        if masking not in ("anatomask", "random"):
-            raise ValueError(f"masking must be 'anatomask' or 'random', got {masking!r}.")
-        if masking == "anatomask" and (teacher is None or schedule is None):
+        if masking not in ("anatomask", "random", "hpm"):
+            raise ValueError(f"masking must be 'anatomask', 'hpm' or 'random', got {masking!r}.")
+        if masking != "random" and (teacher is None or schedule is None):
             raise ValueError(
-                "AnatoMask masking needs a `teacher` (EMATeacher) and a `schedule` (HardRatioSchedule)."
+                f"{masking!r} masking needs a `teacher` (EMATeacher) and a `schedule` (HardRatioSchedule)."
             )
+        if predictor_loss not in ("relative", "absolute"):
+            raise ValueError(f"predictor_loss must be 'relative' or 'absolute', got {predictor_loss!r}.")
         if teacher_target not in ("raw", "normalized"):
             raise ValueError(f"teacher_target must be 'raw' or 'normalized', got {teacher_target!r}.")
         if precision not in ("fp32", "bf16", "fp16"):
@@ -79,6 +103,8 @@ class AnatoMaskIteration:
         self.precision = precision
         self.seed = int(seed)
         self.image_key = image_key
+        self.predictor_loss = predictor_loss
+        self.predictor_weight = float(predictor_weight)
         self.scaler: torch.amp.GradScaler | None = None
 
     def _autocast(self, device: torch.device):
@@ -96,12 +122,57 @@ class AnatoMaskIteration:
             engine.state.epoch - 1, (engine.state.iteration - 1) % epoch_length, epoch_length
         )
 
+    def guided_mask(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        model: torch.nn.Module,
+        hard_ratio: float,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The teacher's mask: ``k`` top-ranked patches, the rest at random.
+
+        Args:
+            x: ``(B, C, H, W, D)`` input.
+            mask: ``(B, L)`` the iteration's random mask (the teacher's input for ``"anatomask"``).
+            model: the unwrapped student (for its patch size).
+            hard_ratio: ``r_t``.
+            generator: random source of the remaining patches.
+
+        Returns:
+            ``(B, L)`` bool, True = masked.
+        """
+        device = x.device
+        with torch.no_grad(), self._autocast(device):
+            if self.masking == "hpm":
+                scores = self.teacher.teacher.predict_patch_losses(x).float()
+                candidates = None
+            else:
+                reconstruction = self.teacher.teacher(x, mask)
+                scores = patch_scores(
+                    reconstruction, x, model.patch_size, normalized_target=self.teacher_target == "normalized"
+                ).masked_fill(~mask, 0.0)
+                candidates = mask
+        return reconstruction_guided_mask(
+            scores,
+            self.mask_ratio,
+            hard_ratio,
+            candidates=candidates,
+            lowest=self.lowest,
+            generator=generator,
+        )
+
     def __call__(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
         student = engine.network
         device = engine.state.device or torch.device("cpu")
         x = batchdata[self.image_key]
         x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device=device, dtype=torch.float32)
         model = unwrap_model(student)
+        with_predictor = getattr(model, "loss_predictor", None) is not None
+        if self.masking == "hpm" and not with_predictor:
+            raise ValueError(
+                "hpm masking needs a network with a loss predictor (network_def: loss_predictor)."
+            )
         length = model.num_patches(x.shape[2:])
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         generator = torch.Generator(device=device).manual_seed(
@@ -109,27 +180,28 @@ class AnatoMaskIteration:
         )
         mask = random_patch_mask(x.shape[0], length, self.mask_ratio, generator=generator, device=device)
         r_t = self.hard_ratio(engine)
-        k = num_hard(num_masked(length, self.mask_ratio), r_t) if self.masking == "anatomask" else 0
+        k = num_hard(num_masked(length, self.mask_ratio), r_t) if self.masking != "random" else 0
         if k > 0:
-            with torch.no_grad(), self._autocast(device):
-                reconstruction = self.teacher.teacher(x, mask)
-            scores = patch_scores(
-                reconstruction, x, model.patch_size, normalized_target=self.teacher_target == "normalized"
-            )
-            mask = reconstruction_guided_mask(
-                scores.masked_fill(~mask, 0.0),
-                self.mask_ratio,
-                r_t,
-                candidates=mask,
-                lowest=self.lowest,
-                generator=generator,
-            )
+            mask = self.guided_mask(x, mask, model, r_t, generator)
 
         student.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with self._autocast(device):
-            reconstruction = student(x, mask)
-        loss = masked_patch_mse(reconstruction, x, mask, model.patch_size)
+            if with_predictor:
+                reconstruction, predicted = student(x, mask, return_loss_prediction=True)
+            else:
+                reconstruction = student(x, mask)
+        per_patch = patch_scores(reconstruction, x, model.patch_size, normalized_target=True)
+        reconstruction_loss = masked_mean(per_patch, mask)
+        loss = reconstruction_loss
+        extra = {}
+        if with_predictor:
+            predictor_loss = loss_prediction_loss(predicted, per_patch.detach(), mask, self.predictor_loss)
+            loss = reconstruction_loss + self.predictor_weight * predictor_loss
+            extra = {
+                "reconstruction_loss": reconstruction_loss.detach(),
+                "predictor_loss": predictor_loss.detach(),
+            }
         if self.precision == "fp16":
             if self.scaler is None:
                 self.scaler = torch.amp.GradScaler(device.type)
@@ -144,6 +216,7 @@ class AnatoMaskIteration:
             engine.optimizer.step()
         return {
             "loss": loss.detach(),
+            **extra,
             "hard_ratio": r_t,
             "num_hard": k,
             "ema_momentum": self.teacher.last_momentum if self.teacher is not None else float("nan"),
@@ -166,9 +239,7 @@ class AnatoMaskIteration:
 
 def training_scalars(output: dict[str, Any]) -> dict[str, float]:
     """The per-iteration scalars logged to the console and TensorBoard."""
-    return {
-        k: float(output[k]) for k in ("loss", "hard_ratio", "num_hard", "ema_momentum", "lr") if k in output
-    }
+    return {k: float(output[k]) for k in _SCALARS if k in output}
 
 
 class ReconstructionInference:

@@ -15,6 +15,16 @@ Formats read (the format is recognised from the file's content, not its name):
   (``network_weights``), with or without DDP's ``module.`` prefixes;
 - any flat state dict of a STU-Net, or MONAI's nested ``{"model": state_dict}``.
 
+For a network that holds a MONAI ``ViT`` as ``vit`` (MONAI's ``UNETR``), the ViT encoder is loaded instead
+(:func:`vit_key_map`), from:
+
+- the pretraining bundle's ``models/encoder.pt`` of a ViT masked autoencoder
+  (:class:`~anatomask_components.networks.MAEPretrainModel`): the keys of MONAI's ``ViT``
+  (``patch_embedding.*``, ``blocks.{i}.*``, ``norm.*``);
+- its ``models/model.pt`` or training checkpoints (MONAI ``MaskedAutoEncoderViT`` keys: the final LayerNorm
+  is ``blocks.{num_layers}.*``; class token, decoders and loss predictor are reported as unused);
+- a ``UNETR`` state dict (keys ``vit.*`` and the convolutional decoder), e.g. a fine-tuned ``model.pt``.
+
 Files are read with ``torch.load(weights_only=True)``, which never runs code from the file. NumPy scalars,
 dtypes and arrays (which nnU-Net stores in its training logs) are allowed; a file that needs any other
 pickled Python object is refused with an error that names it.
@@ -45,17 +55,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.networks.nets import ViT
 
 from anatomask_components.teacher import unwrap_model
 
 __all__ = [
     "STUNET_INPUT_CONV_KEYS",
+    "VIT_INPUT_CONV_KEYS",
     "WeightTransferReport",
     "adapt_input_channels",
     "extract_state_dict",
     "load_checkpoint",
     "stunet_key_map",
     "transfer_weights",
+    "vit_key_map",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +79,8 @@ STUNET_INPUT_CONV_KEYS: tuple[str, ...] = (
     "conv_blocks_context.0.0.conv1.weight",
     "conv_blocks_context.0.0.conv3.weight",
 )
+# The patch embedding of a UNETR's ViT reads the input image (a convolution with proj_type="conv").
+VIT_INPUT_CONV_KEYS: tuple[str, ...] = ("vit.patch_embedding.patch_embeddings.weight",)
 # Prefixes added by wrappers around a network: DistributedDataParallel/DataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The sparse pretraining encoder keeps the STU-Net modules under this name (reference and this project).
@@ -175,8 +190,8 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file needs pickled Python objects that a weights-only load refuses (named in the
-            message), or it is not a PyTorch file.
+        ValueError: the file needs pickled Python objects that a weights-only load refuses ("refused to
+            load: the file would run code when loaded", naming them), or it is not a readable PyTorch file.
     """
     path = Path(path)
     if not path.is_file():
@@ -184,26 +199,40 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        unsupported_global = next((line for line in lines if "Unsupported global" in line), None)
-        if unsupported_global is None:
-            detail = next((line for line in lines if "Unsupported" in line or "load key" in line), lines[0])
-            raise ValueError(f"{path}: not a PyTorch checkpoint ({detail})") from error
+        refusal = next((line for line in lines if _is_refusal(line)), None)
+        if refusal is None or isinstance(error, (EOFError, OSError)):
+            # "Weights only load failed" heads every weights-only failure, plain text files included.
+            detail = next(
+                (line for line in lines if "unsupported" in line.lower() or "load key" in line), None
+            )
+            detail = detail or (lines[0] if lines else "")
+            raise ValueError(
+                f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {detail})"
+            ) from error
         try:
             unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # legacy (non-zip) files cannot be scanned; the loader's message names the global
-            unsafe = unsupported_global
+            unsafe = refusal
         raise ValueError(
-            f"{path}: refused to load: the file holds pickled Python objects ({unsafe or 'unknown'}), which "
-            "could run code when unpickled, and only tensors and NumPy values are read (torch.load "
+            f"{path}: refused to load: the file would run code when loaded. It holds pickled Python objects "
+            f"({unsafe or refusal}), and only tensors and NumPy values are read (torch.load "
             "weights_only=True). If you trust the file, load it yourself with torch.load(..., "
             "weights_only=False) and save just its state dict with torch.save(state_dict, 'weights.pt')."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
-        ) from error
+
+
+# How torch's weights-only unpickler words a refused global; its wording and case vary across versions
+# ("Unsupported global: GLOBAL x", "unsupported GLOBAL x whose module is blocked", "Unsupported class x",
+# "... allowlisted via add_safe_globals, but got <class x>", "reduce for unrecognized function x").
+_REFUSAL_MARKERS = ("unsupported global", "unsupported class", "allowlisted", "unrecognized function")
+
+
+def _is_refusal(message: str) -> bool:
+    """Whether a line of a torch.load error says that the file names a Python global it refused."""
+    lowered = message.lower()
+    return any(marker in lowered for marker in _REFUSAL_MARKERS)
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -306,6 +335,48 @@ def stunet_key_map(keys: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
+def _is_vit_network(network: nn.Module) -> bool:
+    return isinstance(getattr(network, "vit", None), ViT)
+
+
+def vit_key_map(keys: Sequence[str]) -> dict[str, str]:
+    """Map the keys of a file to the keys of a network holding a MONAI ``ViT`` under ``vit.`` (UNETR).
+
+    Wrapper prefixes are dropped. A file whose keys already start with ``vit.`` (a UNETR) maps one to one.
+    Otherwise the file is a ViT or a ViT masked autoencoder: ``patch_embedding.*``, ``blocks.{i}.*`` and
+    ``norm.*`` map to ``vit.<key>``; MONAI's ``MaskedAutoEncoderViT`` keeps its final LayerNorm as the last
+    entry of ``blocks`` (``blocks.{n}.weight`` / ``.bias``, no sub-module), which maps to ``vit.norm.*``.
+    Other keys (class token, decoders, loss predictor) are not mapped.
+
+    Args:
+        keys: the file's keys.
+
+    Returns:
+        ``{network key: file key}``.
+
+    Raises:
+        ValueError: two file keys map to the same network key.
+    """
+    names = {key: _strip_wrappers(key) for key in keys}
+    unetr = any(name.startswith("vit.") for name in names.values())
+    mapping: dict[str, str] = {}
+    for key, name in names.items():
+        if unetr:
+            target = name
+        elif name.startswith(("patch_embedding.", "norm.")):
+            target = "vit." + name
+        elif name.startswith("blocks."):
+            parts = name.split(".")
+            # "blocks.12.weight": a LayerNorm placed in the block list (MAE), not a transformer block
+            target = "vit.norm." + parts[2] if len(parts) == 3 else "vit." + name
+        else:
+            continue
+        if target in mapping:
+            raise ValueError(f"file keys {mapping[target]!r} and {key!r} both map to {target!r}")
+        mapping[target] = key
+    return mapping
+
+
 def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """Adapt a convolution kernel to another number of input channels (the module docstring's rule).
 
@@ -326,19 +397,21 @@ def transfer_weights(
     source: str | os.PathLike | Mapping[str, Any],
     network_key: str = "student",
     adapt_channels: bool = True,
-    input_conv_keys: Sequence[str] = STUNET_INPUT_CONV_KEYS,
+    input_conv_keys: Sequence[str] | None = None,
     require_all: bool = False,
 ) -> WeightTransferReport:
     """Load pretrained weights into ``network`` by name, and report what was loaded and what was not.
 
     Args:
-        network: the fine-tuning network (a :class:`~anatomask_components.networks.STUNet`; DDP wrappers are
-            unwrapped). Its tensors are overwritten in place.
+        network: the fine-tuning network (a :class:`~anatomask_components.networks.STUNet`, or a network
+            with a MONAI ``ViT`` as ``vit`` such as ``UNETR``; DDP wrappers are unwrapped). Its tensors are
+            overwritten in place.
         source: a checkpoint file in any format of the module docstring, or an already loaded checkpoint.
         network_key: for training checkpoints of the pretraining bundle: ``"student"`` or ``"teacher"``.
         adapt_channels: adapt ``input_conv_keys`` whose input channels differ (rule in the module
             docstring); when False they are reported as shape mismatches.
-        input_conv_keys: the network keys of the convolutions that read the input image.
+        input_conv_keys: the network keys of the convolutions that read the input image; None:
+            :data:`STUNET_INPUT_CONV_KEYS`, or :data:`VIT_INPUT_CONV_KEYS` for a ViT network.
         require_all: raise unless every network tensor is loaded (e.g. for official STU-Net weights with
             the same classes, or for a fine-tuned ``model.pt``).
 
@@ -353,8 +426,12 @@ def transfer_weights(
     name = str(source) if not isinstance(source, Mapping) else "<in-memory state dict>"
     checkpoint = load_checkpoint(source) if not isinstance(source, Mapping) else source
     file_state, source_format = extract_state_dict(checkpoint, network_key, name)
-    key_map = stunet_key_map(list(file_state))
-    target = unwrap_model(network).state_dict()
+    net = unwrap_model(network)
+    vit = _is_vit_network(net)
+    key_map = vit_key_map(list(file_state)) if vit else stunet_key_map(list(file_state))
+    if input_conv_keys is None:
+        input_conv_keys = VIT_INPUT_CONV_KEYS if vit else STUNET_INPUT_CONV_KEYS
+    target = net.state_dict()
     report = WeightTransferReport(source=name, source_format=source_format, num_network_tensors=len(target))
     updates: dict[str, torch.Tensor] = {}
     for key, current in target.items():

@@ -13,7 +13,7 @@ from anatomask_components.handlers import TrainingProgress, read_training_log
 
 def _engine(losses: list[float]) -> Engine:
     def step(engine, batch):
-        return {"loss": torch.tensor(losses[engine.state.iteration - 1]), "lr": 0.5}
+        return {"loss": torch.tensor(losses[engine.state.iteration - 1], dtype=torch.float64), "lr": 0.5}
 
     return Engine(step)
 
@@ -22,9 +22,9 @@ def test_log_holds_every_iteration_and_lines_show_time_left(tmp_path, caplog):
     losses = [float(i) / 10 for i in range(1, 7)]
     engine = _engine(losses)
     log = tmp_path / "runs" / "training_log.jsonl"
-    TrainingProgress(log, print_every=4, output_transform=lambda o: {"loss": o["loss"], "lr": o["lr"]}).attach(
-        engine
-    )
+    TrainingProgress(
+        log, print_every=4, output_transform=lambda o: {"loss": o["loss"], "lr": o["lr"]}
+    ).attach(engine)
     with caplog.at_level(logging.INFO, logger="anatomask_components.handlers"):
         engine.run(range(3), max_epochs=2)
     entries = read_training_log(log)

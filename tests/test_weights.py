@@ -262,3 +262,73 @@ def test_handler_writes_the_report_as_json(tmp_path):
     assert written["num_initial"] == 56 and written["num_network_tensors"] == 106
     assert written["loaded"] == report.loaded and written["missing"] == report.missing
     assert written["source"] == str(path) and written["summary"] == report.summary()
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this runs a shell command (``os.system``)."""
+
+    def __init__(self, witness):
+        self.witness = str(witness)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.witness}",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_pickle_that_would_run_code_is_refused_as_such(tmp_path, zip_format):
+    witness, path = tmp_path / "code_ran", tmp_path / "evil.pt"
+    content = {"weight": torch.zeros(2), "payload": _RunsCodeWhenUnpickled(witness)}
+    torch.save(content, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ValueError, match=r"evil\.pt: refused to load: the file would run code") as raised:
+        load_checkpoint(path)
+    assert "system" in str(raised.value) and "not a readable" not in str(raised.value)
+    assert not witness.exists()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Weights only load failed. ...\nWeightsUnpickler error: Unsupported global: GLOBAL os.system was not "
+        "an allowed global by default.",
+        "weights only load failed\nunsupported global: GLOBAL os.system",
+        "Weights only load failed. ...\n\nTrying to load unsupported GLOBAL posix.system whose module "
+        "posix is blocked.",
+        "WEIGHTS ONLY LOAD FAILED: UNSUPPORTED GLOBAL: GLOBAL os.system",
+        "Weights only load failed. WeightsUnpickler error: Unsupported class os.system",
+        "Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got "
+        "<class 'os.system'>",
+    ],
+)
+def test_the_refusal_is_recognised_whatever_the_wording(tmp_path, monkeypatch, message):
+    import pickle
+
+    path = tmp_path / "weights.pt"
+    torch.save({}, path)
+
+    def refusing_load(*args, **kwargs):
+        raise pickle.UnpicklingError(message)
+
+    monkeypatch.setattr(torch, "load", refusing_load)
+    with pytest.raises(ValueError, match=r"weights\.pt: refused to load: the file would run code") as raised:
+        load_checkpoint(path)
+    assert "system" in str(raised.value)
+
+
+def test_a_weights_only_failure_without_a_global_is_not_a_refusal(tmp_path, monkeypatch):
+    import pickle
+
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(
+        ValueError, match=r"notes\.pt: not a readable PyTorch checkpoint.*Unsupported operand"
+    ):
+        load_checkpoint(path)  # torch: "Weights only load failed ... Unsupported operand 110"
+
+    def failing_load(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. invalid load key, 'n'.")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(ValueError, match=r"notes\.pt: not a readable PyTorch checkpoint"):
+        load_checkpoint(path)

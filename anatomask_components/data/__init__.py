@@ -7,8 +7,11 @@
 - :mod:`~anatomask_components.data.labels`: label sets and remapping (TotalSegmentator to FLARE22 / AMOS22).
 - :mod:`~anatomask_components.data.normalization`, :mod:`~anatomask_components.data.fingerprint`: intensities.
 - :mod:`~anatomask_components.data.validation`: ``InvalidScanError`` and the checks behind it.
+- :mod:`~anatomask_components.data.checks`: ``check_datalist`` (``anatomask check-data``), datalist reading.
 - :mod:`~anatomask_components.data.phantoms`, :mod:`~anatomask_components.data.writers`: synthetic test data.
 - :mod:`~anatomask_components.data.examples`: the real example CT (``anatomask fetch-examples``).
 
-Submodules are imported on use, so that importing the package stays cheap.
+Submodules are imported on use, so that importing the package stays cheap. They build bottom-up, without
+cycles: validation; readers, writers; labels, normalization, datalists; preprocessing; checks,
+fingerprint, datasets, examples and phantoms on top (tests/data/test_data_layers.py keeps it so).
 """

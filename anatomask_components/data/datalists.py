@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from anatomask_components.data.readers import IMAGE_SUFFIXES, image_suffix, is_dicom_series_dir
+from anatomask_components.data.readers import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    dicom_files,
+    image_suffix,
+    is_dicom_series_dir,
+)
 from anatomask_components.data.validation import InvalidScanError
 
 SECTIONS = ("training", "validation", "test")
@@ -131,6 +137,10 @@ def split_items(
 def find_scans(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Find scans under a folder, recursively: image files and DICOM series folders (one scan each).
 
+    A folder is one DICOM series only when it holds no other image files (NIfTI, NRRD, MetaImage). When it
+    does, its image files and each of its DICOM files are listed as scans of their own, with one warning
+    naming the folder: a stray ``.dcm`` must not hide the NIfTI files next to it.
+
     Args:
         root: the folder.
 
@@ -150,11 +160,19 @@ def find_scans(root: str | os.PathLike) -> tuple[list[str], list[str]]:
         if is_dicom_series_dir(folder):
             scans.append(str(Path(folder)))
             continue
-        for name in sorted(files):
+        names = sorted(name for name in files if not name.startswith("."))
+        images = {name for name in names if image_suffix(name) not in (None, *DICOM_SUFFIXES)}
+        # Without other images the folder would have been a series; only a mixed folder has DICOM files here.
+        dicom = {path.name for path in dicom_files(folder)} if images else set()
+        if dicom:
+            warnings.warn(
+                f"{folder}: holds {len(dicom)} DICOM file(s) next to {len(images)} other image file(s), so "
+                "it is not read as one DICOM series; each DICOM file is listed as a scan of its own",
+                stacklevel=2,
+            )
+        for name in names:
             path = Path(folder) / name
-            if name.startswith("."):
-                continue
-            if image_suffix(name) is not None:
+            if name in images or name in dicom:
                 scans.append(str(path))
             elif not name.lower().endswith(_COMPANION_SUFFIXES):
                 skipped.append(str(path))

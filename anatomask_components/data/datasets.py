@@ -10,6 +10,7 @@ space).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,72 @@ from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import convert_to_tensor
 
 import anatomask_components
+from anatomask_components.data.readers import is_resource_error
 from anatomask_components.data.validation import InvalidScanError, find_invalid_scan_error
 
 # Bump when the cached content changes without any transform parameter changing.
 CACHE_FORMAT_VERSION = 1
+
+
+def cache_safe_globals() -> list[Any]:
+    """The only Python globals a cache file may name: MONAI's MetaTensor and its metadata keys, and the
+    NumPy pieces of the arrays in its metadata (``original_affine``, ``spatial_shape``, the transform
+    history). Data only: none of them runs code when unpickled.
+
+    Found by loading real cache files (NIfTI, NRRD, MHA and DICOM inputs; every preprocessing pipeline) with
+    ``weights_only=True`` until torch stopped refusing. MONAI also registers its own types globally; they
+    are listed here so that the load does not depend on that.
+    """
+    from monai.data import MetaObj, MetaTensor
+    from monai.utils import MetaKeys, SpaceKeys, TraceKeys
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed: list[Any] = [MetaTensor, MetaObj, MetaKeys, SpaceKeys, TraceKeys]
+    allowed += [multiarray._reconstruct, np.ndarray, np.dtype]
+    # NumPy >= 1.25 pickles dtypes through their classes; older versions need only np.dtype.
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [dtypes.Float64DType, dtypes.Int64DType]
+    return allowed
+
+
+_allow_lock = threading.Lock()
+_allow_users = 0
+_allow_context: Any = None
+
+
+@contextlib.contextmanager
+def _cache_globals_allowed() -> Iterator[None]:
+    """Allow :func:`cache_safe_globals` for weights-only loads while any thread is inside this block.
+
+    torch's ``safe_globals`` edits one process-wide set and removes its globals on exit, so two threads
+    each using it would pull the allow-list from under each other: the first to enter adds the globals,
+    the last to leave removes them. Globals registered before (MONAI registers MetaTensor) are left alone.
+    """
+    global _allow_users, _allow_context
+    with _allow_lock:
+        if _allow_users == 0:
+            registered = torch.serialization.get_safe_globals()
+            missing = [g for g in cache_safe_globals() if g not in registered]
+            _allow_context = torch.serialization.safe_globals(missing)
+            _allow_context.__enter__()
+        _allow_users += 1
+    try:
+        yield
+    finally:
+        with _allow_lock:
+            _allow_users -= 1
+            if _allow_users == 0:
+                _allow_context.__exit__(None, None, None)
+                _allow_context = None
+
+
+def _short_reason(error: BaseException) -> str:
+    """The informative line of a load error (torch's weights-only refusal spans a dozen lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    keywords = ("unsupported global", "but got")
+    line = next((x for x in lines if any(k in x.lower() for k in keywords)), lines[0] if lines else "")
+    return f"{type(error).__name__}: {line}"
 
 
 def _describe(obj: Any, seen: set[int]) -> Any:
@@ -138,6 +201,14 @@ class CachedScanDataset(Dataset):
       invalid in the cache (``<key>.invalid``, so later epochs and workers don't read it again) and the
       next valid item is returned in its place.
 
+    Resource errors (MemoryError; OSError such as too many open files, I/O error, disk full: see
+    :func:`~anatomask_components.data.readers.is_resource_error`) always propagate and mark nothing, even
+    when they lie behind an :class:`InvalidScanError`: the next access tries the item again.
+
+    Cache files are read with ``torch.load(weights_only=True)`` allowing only the types of
+    :func:`cache_safe_globals`; a file that needs anything else (tampered with, or truncated) is recomputed
+    with a warning, never unpickled.
+
     Args:
         data: datalist items.
         transform: a Compose (or sequence of transforms), e.g. from
@@ -184,17 +255,22 @@ class CachedScanDataset(Dataset):
             raise InvalidScanError(marker.read_text())
         if path.exists():
             try:
-                # Our own files (written below); weights_only=False because MetaTensor metadata and MONAI's
-                # transform history hold numpy arrays, which the weights-only unpickler refuses.
-                return torch.load(path, weights_only=False, mmap=self.mmap)
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # e.g. a disk that filled up
-                warnings.warn(f"unreadable cache file {path} ({error}); recomputing it", stacklevel=2)
+                # Anyone who can write to the cache folder could plant a pickle that runs code: only the
+                # data types our own files hold are allowed, for this load only.
+                with _cache_globals_allowed():
+                    return torch.load(path, weights_only=True, mmap=self.mmap)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a full disk, or a refusal
+                warnings.warn(
+                    f"unreadable cache file {path} ({_short_reason(error)}); recomputing it", stacklevel=2
+                )
                 path.unlink(missing_ok=True)
         try:
             result = self.transform(item, end=self.first_random, threading=True)
         except Exception as error:
             invalid = find_invalid_scan_error(error)
-            if invalid is not None and self.on_invalid == "warn":
+            # The marker is permanent, so only a file that cannot be parsed earns it, never a lack of
+            # memory or file handles (even one that some transform reported as an InvalidScanError).
+            if invalid is not None and self.on_invalid == "warn" and not is_resource_error(error):
                 _atomic_write(marker, lambda f: f.write(str(invalid).encode()))
             raise
         _atomic_write(path, lambda f: torch.save(convert_to_tensor(result, track_meta=True), f))
@@ -209,7 +285,7 @@ class CachedScanDataset(Dataset):
                 pre = self._deterministic(candidate)
             except Exception as error:
                 invalid = find_invalid_scan_error(error)
-                if invalid is None:
+                if invalid is None or is_resource_error(error):
                     raise
                 if self.on_invalid == "raise":
                     raise invalid from error

@@ -1,8 +1,11 @@
 """Real example CT/MR from the TotalSegmentator 2.18.0 source archive (``anatomask fetch-examples``).
 
 The archive (Apache-2.0) ships test scans with TotalSegmentator's own predicted labels. It is downloaded
-once with pip from the package index, checked against a pinned sha256 and kept in a cache folder; later
-calls work offline. Cases (see docs/data.md):
+once as a plain file from the package index pip uses (found through the index's simple API), checked
+against a pinned sha256 and kept in a cache folder; later calls work offline. Nothing from the download is
+run (pip would build the source archive, running its build backend, before any check): the archive is only
+hashed, then read with ``tarfile``, and only the example files are written, inside the destination.
+Cases (see docs/data.md):
 
 - A: abdomen/pelvis CT, NIfTI, 3 mm, 61 TotalSegmentator classes;
 - B: chest CT angiography, NIfTI, 1.5 mm (image only: its labels are separate binary masks);
@@ -12,15 +15,20 @@ calls work offline. Cases (see docs/data.md):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
-from pathlib import Path
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,6 +48,9 @@ VERSION = "2.18.0"
 ARCHIVE_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
 ARCHIVE_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
 _REFERENCE = f"{PACKAGE}-{VERSION}/tests/reference_files"
+# PEP 691 JSON first, PEP 503 HTML as the fallback.
+_INDEX_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+_INDEX_TIMEOUT_S = 60.0
 
 # archive member (relative to the reference folder) -> file or folder under the destination
 IMAGES = {
@@ -72,8 +83,153 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def index_url() -> str:
+    """The package index pip would use: ``$PIP_INDEX_URL``, pip's configured ``global.index-url``, or pip's
+    default index."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    configured = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if configured.returncode == 0 and configured.stdout.strip():  # exits non-zero when unset
+        return configured.stdout.strip()
+    try:
+        from pip._internal.models.index import PyPI
+    except ImportError as error:
+        raise RuntimeError("pip is not installed and PIP_INDEX_URL is not set: no package index") from error
+    return PyPI.simple_url
+
+
+class _Anchors(HTMLParser):
+    """The links of a PEP 503 project page: (href, text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href, self._text = dict(attrs).get("href") or "", []
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._href is not None:
+            self.links.append((self._href, "".join(self._text).strip()))
+            self._href = None
+
+
+def find_archive_url(page: bytes, content_type: str, page_url: str) -> tuple[str, str | None]:
+    """The download URL of :data:`ARCHIVE_NAME` in a project page of a simple index, and its sha256 there.
+
+    Args:
+        page: the project page (PEP 691 JSON or PEP 503 HTML).
+        content_type: its Content-Type (JSON when it names ``application/vnd.pypi.simple.v1+json``).
+        page_url: its URL, against which relative links are resolved.
+
+    Returns:
+        the absolute URL and the sha256 the index lists for the file (None if it lists none).
+
+    Raises:
+        RuntimeError: the page does not list the archive.
+    """
+    if "application/vnd.pypi.simple.v1+json" in content_type:
+        for entry in json.loads(page).get("files", []):
+            if entry.get("filename") == ARCHIVE_NAME:
+                url = urllib.parse.urljoin(page_url, entry["url"])
+                return urllib.parse.urldefrag(url)[0], (entry.get("hashes") or {}).get("sha256")
+    else:
+        parser = _Anchors()
+        parser.feed(page.decode("utf-8", errors="replace"))
+        for href, text in parser.links:
+            url, fragment = urllib.parse.urldefrag(urllib.parse.urljoin(page_url, href))
+            if ARCHIVE_NAME in (text, PurePosixPath(urllib.parse.urlparse(url).path).name):
+                digest = fragment.partition("=")[2] if fragment.startswith("sha256=") else None
+                return url, digest
+    raise RuntimeError(f"the package index page {page_url} does not list {ARCHIVE_NAME}")
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``https://user:token@host/...`` -> (``https://host/...``, Basic auth header); urllib does not
+    send credentials written in the URL, as pip does for a private index."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.username is None:
+        return url, None
+    user = urllib.parse.unquote(parsed.username)
+    password = urllib.parse.unquote(parsed.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parsed._replace(netloc=parsed.netloc.rpartition("@")[2])), f"Basic {token}"
+
+
+def _open(url: str, accept: str | None = None, authorization: str | None = None) -> Any:
+    headers = {"Accept": accept} if accept else {}
+    if authorization:
+        headers["Authorization"] = authorization
+    # pip's own certificate bundle when it is configured through the environment (PIP_CERT).
+    context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+    return urllib.request.urlopen(
+        urllib.request.Request(url, headers=headers), timeout=_INDEX_TIMEOUT_S, context=context
+    )
+
+
+def download_archive(target: Path) -> str | None:
+    """Download :data:`ARCHIVE_NAME` from the package index into ``target`` (a plain file copy).
+
+    Returns:
+        the sha256 the index lists for the file, or None.
+
+    Raises:
+        OSError: the index cannot be reached (``urllib.error.URLError`` is an OSError).
+        RuntimeError: the index does not list the archive.
+    """
+    page_url, authorization = _split_credentials(index_url().rstrip("/") + f"/{PACKAGE}/")
+    parsed = urllib.parse.urlparse(page_url)
+    if parsed.scheme == "file" and os.path.isdir(urllib.request.url2pathname(parsed.path)):
+        page_url += "index.html"  # a local PEP 503 tree, as pip reads it
+    with _open(page_url, _INDEX_ACCEPT, authorization) as response:
+        url, index_sha256 = find_archive_url(
+            response.read(), response.headers.get("Content-Type", ""), page_url
+        )
+    if index_sha256 is not None and index_sha256 != ARCHIVE_SHA256:
+        raise RuntimeError(
+            f"the package index lists sha256 {index_sha256} for {ARCHIVE_NAME}, "
+            f"not the pinned {ARCHIVE_SHA256}"
+        )
+    print(f"[fetch-examples] from {url}", flush=True)
+    # The index's credentials go to the index's own host only, never to a files host it links to.
+    same_host = urllib.parse.urlparse(url).netloc == parsed.netloc
+    with (
+        _open(url, authorization=authorization if same_host else None) as response,
+        open(target, "wb") as out,
+    ):
+        shutil.copyfileobj(response, out, 1 << 20)
+    return index_sha256
+
+
+def verify_archive(path: Path, index_sha256: str | None = None) -> None:
+    """Check a downloaded archive against the pinned sha256 (and the index's, when it gave one).
+
+    Raises:
+        RuntimeError: a checksum does not match.
+    """
+    actual = sha256_of(path)
+    for expected, source in ((ARCHIVE_SHA256, "the pinned"), (index_sha256, "the package index's")):
+        if expected is not None and actual != expected:
+            raise RuntimeError(f"{ARCHIVE_NAME}: sha256 {actual} does not match {source} {expected}")
+
+
 def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The verified TotalSegmentator source archive, downloaded with pip on first use.
+    """The verified TotalSegmentator source archive, downloaded from the package index on first use.
+
+    The download goes to a temporary file in the cache folder, is checked against :data:`ARCHIVE_SHA256`
+    and only then renamed into place; a file that fails the check is deleted.
 
     Args:
         cache_dir: where the archive is kept (default :func:`default_cache_dir`).
@@ -93,49 +249,59 @@ def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
         print(f"[fetch-examples] cached {archive} has a wrong checksum; downloading again", flush=True)
         archive.unlink()
     cache.mkdir(parents=True, exist_ok=True)
-    print(
-        f"[fetch-examples] downloading {ARCHIVE_NAME} (38 MB) from the package index with pip ...", flush=True
-    )
-    with tempfile.TemporaryDirectory(dir=cache) as download_dir:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "-d",
-            download_dir,
-            f"{PACKAGE}=={VERSION}",
-        ]
-        result = subprocess.run(command, check=False)
-        downloaded = Path(download_dir) / ARCHIVE_NAME
-        if result.returncode != 0 or not downloaded.exists():
+    print(f"[fetch-examples] downloading {ARCHIVE_NAME} (38 MB) from the package index ...", flush=True)
+    handle, name = tempfile.mkstemp(dir=cache, prefix=f".{ARCHIVE_NAME}.", suffix=".part")
+    os.close(handle)
+    partial = Path(name)
+    try:
+        try:
+            index_sha256 = download_archive(partial)
+        except OSError as error:  # urllib's URLError and socket timeouts included
             raise RuntimeError(
-                f"could not download {PACKAGE}=={VERSION} with pip (exit code {result.returncode}); the "
-                f"package index must be reachable for the first fetch; later fetches reuse {archive} offline"
-            )
-        actual = sha256_of(downloaded)
-        if actual != ARCHIVE_SHA256:
-            raise RuntimeError(f"{ARCHIVE_NAME}: sha256 {actual} does not match the pinned {ARCHIVE_SHA256}")
-        shutil.move(str(downloaded), archive)
+                f"could not download {ARCHIVE_NAME} from the package index ({error}); the index must be "
+                f"reachable for the first fetch; later fetches reuse {archive} offline"
+            ) from error
+        verify_archive(partial, index_sha256)
+        os.replace(partial, archive)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"[fetch-examples] verified sha256 and cached {archive}", flush=True)
     return archive
 
 
+def _safe_member_path(name: str) -> PurePosixPath:
+    """An archive member's path, refused when absolute or climbing out with ``..``."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise RuntimeError(
+            f"{ARCHIVE_NAME}: refusing member {name!r}: its path leads outside the archive folder"
+        )
+    return path
+
+
 def _extract(archive: Path, dest: Path) -> None:
-    """Extract the example images, labels and the licence into ``dest`` under their new names."""
+    """Extract the example images, labels and the licence into ``dest`` under their new names.
+
+    Only regular files are read, and every file is written by this function inside ``dest`` (nothing is
+    created by ``tarfile`` itself: no links, devices or permissions from the archive).
+
+    Raises:
+        RuntimeError: the archive holds a member with an absolute path or ``..`` (checked before anything
+            is written).
+    """
     wanted = {f"{_REFERENCE}/{member}": target for member, target in [*IMAGES.values(), *LABELS.values()]}
     wanted[f"{PACKAGE}-{VERSION}/LICENSE"] = "LICENSE_TotalSegmentator.txt"
     with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
+        members = tar.getmembers()
+        for member in members:
+            _safe_member_path(member.name)
+        for member in members:
             if not member.isfile():
                 continue
-            parent, name = member.name.rsplit("/", 1)
-            if member.name in wanted:
-                target = dest / wanted[member.name]
+            path = _safe_member_path(member.name)
+            parent, name = str(path.parent), path.name
+            if str(path) in wanted:
+                target = dest / wanted[str(path)]
             elif parent in wanted:  # a file of the DICOM folder
                 target = dest / wanted[parent] / name
             else:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from anatomask_components.data.checks import skippable_scan_error
 from anatomask_components.data.datalists import image_label
 from anatomask_components.data.normalization import normalise_modality
-from anatomask_components.data.validation import find_invalid_scan_error
 
 # Air is about -1000 HU and fat about -100 HU: -500 HU separates the body from the air around it.
 CT_BODY_THRESHOLD_HU = -500.0
@@ -67,25 +67,30 @@ def compute_fingerprint(
         samples_per_case: foreground voxels sampled per case and channel (nnU-Net: 10,000).
         seed: sampling seed.
         image_channel_dim: ``-1`` for MSD-style 4D multi-modal files.
-        on_error: ``"raise"`` on the first bad scan, or ``"warn"`` and skip it.
+        on_error: ``"raise"`` on the first bad scan, or ``"warn"`` and skip it (listed in ``"skipped"``).
         progress: print one line per case.
 
     Returns:
         ``{"intensity": {modality: {mean, std, min, max, median, percentile_00_5, percentile_99_5,
         num_samples}}, "spacing_median": [3], "shape_median": [3], "num_cases": int, "skipped": [...]}``.
+
+    Raises:
+        InvalidScanError: a bad scan, when ``on_error="raise"``.
+        MissingItemKeyError: an item without ``image_key`` (a KeyError naming the section and item).
+        ValueError: no items, or no foreground voxels in any case.
     """
     from monai.transforms import Compose
 
+    from anatomask_components.data.checks import datalist_items, load_datalist
     from anatomask_components.data.preprocessing import loading_transforms
 
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-    if not isinstance(datalist, Mapping):
-        datalist = json.loads(Path(datalist).read_text())
+    datalist, name = load_datalist(datalist)
     default_modalities = datalist.get("channel_modalities")
-    items = [item for section in sections for item in datalist.get(section, [])]
+    items = [item for _, _, item in datalist_items(datalist, sections, image_key, name)]
     if not items:
-        raise ValueError(f"the datalist has no items in {list(sections)}")
+        raise ValueError(f"{name} has no items in {list(sections)}")
 
     # The loading steps of the shared preprocessing: checks, then RAS for image and label alike, which
     # aligns their voxels even when the files store the axes differently (TotalSegmentator's DICOM-derived
@@ -97,15 +102,10 @@ def compute_fingerprint(
     samples: dict[str, list[np.ndarray]] = {}
     spacings, shapes, skipped = [], [], []
     for index, item in enumerate(items):
-        item = dict(item) if isinstance(item, Mapping) else {image_key: item}
         try:
             loaded = load(item)
-        except Exception as error:  # MONAI wraps the reader's InvalidScanError; anything else is a bug
-            invalid = find_invalid_scan_error(error)
-            if invalid is None:
-                raise
-            if on_error == "raise":
-                raise invalid from error
+        except Exception as error:
+            invalid = skippable_scan_error(error, on_error)
             warnings.warn(f"fingerprint: skipping invalid item: {invalid}", stacklevel=2)
             skipped.append(str(invalid))
             continue

@@ -5,10 +5,16 @@ with SimpleITK, whose geometry (origin, spacing, direction) is in LPS; the affin
 converted to RAS by negating its first two rows, so every format yields the affine nibabel would report
 for the same volume saved as NIfTI. Arrays come back in (i, j, k) voxel order (x fastest in the file),
 the order the affine indexes, like MONAI's own readers.
+
+Reading also checks what the libraries let through silently: DICOM slices that GDCM skipped (empty or
+truncated files) or that leave a gap in the series, affines that are singular or not finite, and NIfTI
+headers whose sform disagrees with the qform or pixdim (a warning; the sform is used). Resource failures
+(out of memory, too many open files, I/O errors) propagate unchanged: they say nothing about the file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Sequence
@@ -31,6 +37,35 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Axis labels for Orientationd: given explicitly because monai 1.6 warns that its default will change.
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
+# Files a DICOM export may hold next to the slices that are certainly not slices themselves.
+_NOT_DICOM_SUFFIXES = (
+    *NIFTI_SUFFIXES,
+    *ITK_SUFFIXES,
+    ".raw", ".zraw", ".img",
+    ".txt", ".json", ".xml", ".md", ".csv", ".tsv", ".htm", ".html", ".pdf", ".log", ".ini", ".cfg",
+    ".yaml", ".yml", ".db", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".zip", ".tar",
+)  # fmt: skip
+# Slice gaps may differ from the median gap by this fraction (rounding of the stored positions stays far
+# below it; one missing slice doubles a gap).
+SLICE_GAP_TOLERANCE = 0.1
+# Errors that say nothing about the file being read: it may read fine on the next try, so they must never
+# become an InvalidScanError (the on-disk cache would mark the scan invalid for good).
+RESOURCE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EMFILE", "ENFILE", "EIO", "ENOMEM", "ENOSPC", "EDQUOT", "EAGAIN", "EWOULDBLOCK", "EINTR", "EBUSY",
+        "ETIMEDOUT", "ESTALE", "ENOLCK", "ENOBUFS", "EREMOTEIO", "ENETDOWN", "ENETUNREACH", "ENETRESET",
+        "ECONNABORTED", "ECONNRESET", "EHOSTDOWN", "EHOSTUNREACH",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+# ITK reports system errors as RuntimeError text only. Just the unmistakable ones: ITK quotes errno even
+# where it may be stale, and a broken file mistaken for a resource error would be retried forever.
+_RESOURCE_MESSAGES = (
+    *(os.strerror(code) for code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENOSPC)),
+    "std::bad_alloc",
+)
+
 
 def image_suffix(path: str | os.PathLike) -> str | None:
     """The supported image suffix of ``path`` (``".nii.gz"``, ``".nrrd"``, ...), or None."""
@@ -48,23 +83,130 @@ def has_dicom_preamble(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether a file is named ``*.dcm`` or carries the DICOM preamble (DICOM files often have no suffix)."""
+    return str(path).lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path)
+
+
+def _is_other_image_name(name: str) -> bool:
+    suffix = image_suffix(name)
+    return suffix is not None and suffix not in DICOM_SUFFIXES
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(child for child in folder.iterdir() if not child.name.startswith(".") and child.is_file())
+
+
+def dicom_files(path: str | os.PathLike) -> list[Path]:
+    """The DICOM files directly in a folder (``.dcm`` or a DICOM preamble, any name; hidden files skipped)."""
+    return [child for child in _visible_files(Path(path)) if is_dicom_file(child)]
+
+
 def is_dicom_series_dir(path: str | os.PathLike) -> bool:
-    """Whether a folder directly contains DICOM files (``.dcm`` or a DICOM preamble, any name)."""
+    """Whether a folder is read as one DICOM series: it directly contains DICOM files (``.dcm`` or a DICOM
+    preamble, any name) and no other image files (NIfTI, NRRD, MetaImage); hidden files are ignored."""
     folder = Path(path)
     if not folder.is_dir():
         return False
-    return any(
-        child.is_file() and (child.name.lower().endswith(".dcm") or has_dicom_preamble(child))
-        for child in folder.iterdir()
-    )
+    files = _visible_files(folder)
+    # A stray .dcm among NIfTI files must not turn the folder into a "series" and hide those files.
+    if any(_is_other_image_name(child.name) for child in files):
+        return False
+    return any(is_dicom_file(child) for child in files)
+
+
+def is_resource_error(error: BaseException) -> bool:
+    """Whether a read failed for lack of resources rather than because of the file.
+
+    True for MemoryError, an OSError whose errno is in :data:`RESOURCE_ERRNOS` (too many open files, I/O
+    error, disk full, try again, time-out, stale network mount, ...), or an ITK RuntimeError quoting too
+    many open files, out of memory, I/O error or disk full, anywhere in the ``__cause__``/``__context__``
+    chain. An OSError without errno (``gzip.BadGzipFile``)
+    is a broken file, not a resource error.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MemoryError):
+            return True
+        if isinstance(current, OSError) and current.errno in RESOURCE_ERRNOS:
+            return True
+        if isinstance(current, RuntimeError) and any(text in str(current) for text in _RESOURCE_MESSAGES):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def check_affine(affine: np.ndarray, path: str) -> None:
+    """Raise unless a voxel-to-world affine is finite and invertible (a voxel grid with a size in mm).
+
+    MONAI's ``Orientationd`` fails later on a singular affine with a RuntimeError that names no file, and
+    accepts NaN affines, giving a volume of zeros after resampling.
+
+    Raises:
+        InvalidScanError: NaN/Inf entries, an all-zero matrix, a zero voxel size or linearly dependent axes.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    shown = np.array2string(affine, precision=4, suppress_small=True)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise InvalidScanError(path, f"affine holds NaN or infinite values (or is not 4x4):\n{shown}")
+    linear = affine[:3, :3]
+    if not linear.any():
+        raise InvalidScanError(path, f"affine is all zero (no voxel size or orientation):\n{shown}")
+    spacing = np.linalg.norm(linear, axis=0)
+    if (spacing <= 1e-6).any():
+        sizes = " x ".join(f"{s:g}" for s in spacing)
+        raise InvalidScanError(path, f"zero voxel size ({sizes} mm) in the affine:\n{shown}")
+    # The determinant of the axis directions: 0 when two voxel axes point the same way, whatever the spacing.
+    if abs(np.linalg.det(linear / spacing)) < 1e-6:
+        raise InvalidScanError(path, f"singular affine (voxel axes are linearly dependent):\n{shown}")
 
 
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
-    from monai.data.utils import correct_nifti_header_if_necessary
 
-    image = correct_nifti_header_if_necessary(nib.load(path))
+    image = nib.load(path)
+    _warn_on_nifti_geometry_conflict(image, path)
+    # image.affine already follows the standard's precedence: sform (code > 0), else qform, else pixdim.
+    # MONAI's correct_nifti_header_if_necessary is deliberately not used: when pixdim disagrees with the
+    # sform it swaps in the qform even when that is unset, reading a 2 mm sform as 1 mm.
     return np.asanyarray(image.dataobj), np.array(image.affine, dtype=np.float64)
+
+
+def _warn_on_nifti_geometry_conflict(image: Any, path: str) -> None:
+    """Warn, once per file, when a NIfTI sform (code > 0), which is used, disagrees with the pixdim voxel
+    size or with the qform (code > 0)."""
+    header = image.header
+    if not hasattr(header, "get_sform"):
+        return
+    sform, sform_code = header.get_sform(coded=True)
+    if sform is None or not sform_code or not np.isfinite(sform).all():
+        return
+    sform_spacing = np.linalg.norm(sform[:3, :3], axis=0)
+    if (sform_spacing <= 1e-6).any():
+        return  # check_affine rejects it; a warning first would only repeat that
+    conflicts = []
+    zooms = np.abs(np.asarray(header.get_zooms(), dtype=np.float64))
+    if zooms.size >= 3 and not np.allclose(sform_spacing, zooms[:3], rtol=1e-3, atol=1e-6):
+        conflicts.append(f"pixdim says {' x '.join(f'{z:.4g}' for z in zooms[:3])} mm")
+    qform, qform_code = header.get_qform(coded=True)
+    if qform is not None and qform_code and np.isfinite(qform).all():
+        # The qform's voxel size is the pixdim; this compares its rotation and origin as well.
+        scale = float(sform_spacing.max())
+        same_axes = np.allclose(qform[:3, :3], sform[:3, :3], rtol=0, atol=1e-3 * scale)
+        same_origin = np.allclose(qform[:3, 3], sform[:3, 3], rtol=0, atol=GRID_TOLERANCE_MM)
+        if not (same_axes and same_origin):
+            shown = np.array2string(qform, precision=4, suppress_small=True)
+            conflicts.append(f"the qform (code {int(qform_code)}) describes another grid:\n{shown}")
+    if conflicts:
+        warnings.warn(
+            f"{path}: NIfTI sform (code {int(sform_code)}, voxel size "
+            f"{' x '.join(f'{s:.4g}' for s in sform_spacing)} mm) disagrees with its header: "
+            f"{'; '.join(conflicts)}. Using the sform, as the NIfTI standard says. sform:\n"
+            f"{np.array2string(sform, precision=4, suppress_small=True)}",
+            stacklevel=4,
+        )
 
 
 def _itk_geometry_to_ras_affine(image: Any) -> np.ndarray:
@@ -93,26 +235,172 @@ def _read_dicom_series(path: str, series_uid: str | None) -> tuple[np.ndarray, n
 
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(path)
+    files_per_series: dict[str, Sequence[str]] = {}
+    if series_uid is None and len(series) > 1:
+        files_per_series = {uid: reader.GetGDCMSeriesFileNames(path, uid) for uid in series}
+    chosen = None
+    if series_uid is not None and series_uid in series:
+        chosen = series_uid
+    elif series_uid is None and series:
+        chosen = max(series, key=lambda uid: len(files_per_series[uid])) if files_per_series else series[0]
+    if chosen is not None and chosen not in files_per_series:
+        files_per_series[chosen] = reader.GetGDCMSeriesFileNames(path, chosen)
+    _check_no_dropped_files(path, files_per_series, series, reader)
     if not series:
         raise InvalidScanError(path, "folder holds no DICOM series")
-    if series_uid is not None:
-        if series_uid not in series:
-            raise InvalidScanError(
-                path, f"DICOM series {series_uid!r} not found (found: {', '.join(series)})"
-            )
-        chosen = series_uid
-    else:
-        files_per_series = {uid: reader.GetGDCMSeriesFileNames(path, uid) for uid in series}
-        chosen = max(series, key=lambda uid: len(files_per_series[uid]))
-        if len(series) > 1:
-            warnings.warn(
-                f"{path}: {len(series)} DICOM series in one folder; reading the largest ({chosen!r}, "
-                f"{len(files_per_series[chosen])} files). Pass series_uid to choose another.",
-                stacklevel=3,
-            )
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(path, chosen))
+    if chosen is None:
+        raise InvalidScanError(path, f"DICOM series {series_uid!r} not found (found: {', '.join(series)})")
+    files = files_per_series[chosen]
+    if len(series) > 1 and series_uid is None:
+        warnings.warn(
+            f"{path}: {len(series)} DICOM series in one folder; reading the largest ({chosen!r}, "
+            f"{len(files)} files). Pass series_uid to choose another.",
+            stacklevel=3,
+        )
+    _check_slice_positions(path, files)
+    reader.SetFileNames(files)
     image = reader.Execute()
     return _itk_to_numpy(image), _itk_geometry_to_ras_affine(image)
+
+
+def _check_no_dropped_files(
+    folder: str, files_per_series: dict[str, Sequence[str]], series: Sequence[str], reader: Any
+) -> None:
+    """Raise if the folder holds DICOM slices that GDCM left out of every series.
+
+    GDCM skips files it cannot parse (empty, truncated) without a word, and the series is then read with
+    a slice missing. Files that are clearly no slices are not counted: hidden files, ``DICOMDIR``, text,
+    pictures, other image formats, and DICOM objects without pixels (RT structure sets, reports, ...).
+    """
+    in_series = {os.path.basename(name) for names in files_per_series.values() for name in names}
+    leftovers = [
+        entry.path
+        for entry in sorted(os.scandir(folder), key=lambda entry: entry.name)
+        if entry.name not in in_series
+        and not entry.name.startswith(".")
+        and entry.name.upper() != "DICOMDIR"
+        and not entry.name.lower().endswith(_NOT_DICOM_SUFFIXES)
+        and entry.is_file()
+    ]
+    if leftovers:
+        # The common single-series case lists only the chosen series; the others are fetched only now.
+        for uid in series:
+            if uid not in files_per_series:
+                files_per_series[uid] = reader.GetGDCMSeriesFileNames(folder, uid)
+                in_series.update(os.path.basename(name) for name in files_per_series[uid])
+    broken = []
+    for file in leftovers:
+        if os.path.basename(file) in in_series:
+            continue
+        problem = _dropped_file_problem(file)
+        if problem is not None:
+            broken.append(f"{os.path.basename(file)} ({problem})")
+    if broken:
+        shown = ", ".join(broken[:10]) + (f" and {len(broken) - 10} more" if len(broken) > 10 else "")
+        raise InvalidScanError(
+            folder,
+            f"{len(broken)} file(s) are not part of any readable DICOM series (empty, truncated or corrupt "
+            f"slices; the series would be read without them): {shown}",
+        )
+
+
+def _dropped_file_problem(path: str) -> str | None:
+    """Why a file that GDCM left out of every series is a broken slice, or None if it is no slice at all."""
+    import pydicom
+    from pydicom.uid import UID
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return "0 bytes"
+    claims_dicom = is_dicom_file(path)
+    if not claims_dicom:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        # DICOM headers always hold control bytes (tags, lengths); text files (README, checksums) don't.
+        if all(byte >= 32 or byte in b"\t\n\r\f" for byte in head):
+            return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity of a forced read
+            dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        meta = getattr(dataset, "file_meta", None)
+        sop_class = str((meta or {}).get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID") or "")
+        has_pixels = "Rows" in dataset or (bool(sop_class) and "Image Storage" in UID(sop_class).name)
+    except Exception as error:
+        if is_resource_error(error):
+            raise
+        return f"{size} bytes, header unreadable" if claims_dicom else None
+    if has_pixels:
+        return f"{size} bytes, truncated or unreadable image"
+    if sop_class or "Modality" in dataset:
+        return None  # an object without pixels (RT structure set, structured report, ...)
+    return f"{size} bytes, no DICOM header found" if claims_dicom else None
+
+
+def _check_slice_positions(folder: str, files: Sequence[str]) -> None:
+    """Raise if the slices of a series are not evenly spaced along their normal, or two share a position.
+
+    ITK reads a series with one slice missing at the average spacing, silently stretching the volume.
+    Only headers are read (pydicom stops before the pixels). Series without ``ImagePositionPatient`` /
+    ``ImageOrientationPatient`` (or with a single file, such as enhanced multi-frame objects) are not checked.
+    """
+    import pydicom
+
+    if len(files) < 2:
+        return
+    positions, normal = [], None
+    for file in files:
+        try:
+            dataset = pydicom.dcmread(
+                file,
+                stop_before_pixels=True,
+                force=True,
+                specific_tags=["ImagePositionPatient", "ImageOrientationPatient"],
+            )
+            position = [float(v) for v in dataset.get("ImagePositionPatient") or []]
+            orientation = [float(v) for v in dataset.get("ImageOrientationPatient") or []]
+        except Exception as error:
+            if is_resource_error(error):
+                raise
+            raise InvalidScanError(
+                folder,
+                f"{os.path.basename(file)}: DICOM header cannot be read ({type(error).__name__}: {error})",
+            ) from error
+        if len(position) != 3 or len(orientation) != 6:
+            return
+        if normal is None:
+            normal = np.cross(orientation[:3], orientation[3:])
+            if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
+                return
+            normal = normal / np.linalg.norm(normal)
+        positions.append(float(np.dot(position, normal)))
+    order = np.argsort(positions, kind="stable")
+    depth = np.asarray(positions)[order]
+    names = [os.path.basename(files[i]) for i in order]
+    gaps = np.diff(depth)
+
+    def between(i: int) -> str:
+        return f"{names[i]} at {depth[i]:.2f} mm and {names[i + 1]} at {depth[i + 1]:.2f} mm"
+
+    duplicates = np.flatnonzero(gaps <= 1e-3)
+    if duplicates.size:
+        raise InvalidScanError(
+            folder,
+            f"{duplicates.size} pair(s) of DICOM slices share one position along the slice normal, e.g. "
+            f"{between(int(duplicates[0]))}: duplicate slices, or several acquisitions in one series",
+        )
+    if gaps.size < 2:
+        return
+    median = float(np.median(gaps))
+    uneven = np.flatnonzero(np.abs(gaps - median) > SLICE_GAP_TOLERANCE * median)
+    if uneven.size:
+        first = int(uneven[0])
+        more = f" (and {uneven.size - 1} more uneven gap(s))" if uneven.size > 1 else ""
+        raise InvalidScanError(
+            folder,
+            f"DICOM slices are not evenly spaced: a gap of {gaps[first]:.2f} mm between {between(first)} "
+            f"along the slice normal, where the median gap is {median:.2f} mm{more}; a missing slice?",
+        )
 
 
 def _read_itk_file(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +416,8 @@ def read_volume(
     """Read one scan file (or DICOM series folder) into a voxel array and its RAS affine.
 
     Args:
-        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, a ``.dcm`` file or a folder
-            holding a DICOM series.
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, a DICOM file (``.dcm`` or any
+            name with the DICOM preamble) or a folder holding a DICOM series.
         channel_dim: None: the file must hold one 3D volume (trailing singleton axes are dropped).
             ``-1``: a 4D file whose last axis holds channels (MSD multi-modal images) is accepted.
         series_uid: the DICOM series to read when a folder holds several (default: the largest).
@@ -139,8 +427,11 @@ def read_volume(
         the format name (``"nifti"``, ``"itk"`` or ``"dicom"``).
 
     Raises:
-        InvalidScanError: missing path, unsupported type, unreadable/truncated file, 2D image, 4D image
-            where 3D is expected.
+        InvalidScanError: missing path, unsupported type, unreadable/truncated file, DICOM series with
+            empty/truncated/missing/duplicate slices, 2D image, 4D image where 3D is expected, affine
+            that is not finite or not invertible.
+        MemoryError, OSError: out of memory, too many open files, I/O errors and the like
+            (:func:`is_resource_error`), unchanged: they are no fault of the file.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -153,7 +444,7 @@ def read_volume(
         elif suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
             fmt = "nifti"
-        elif suffix in ITK_SUFFIXES + DICOM_SUFFIXES:
+        elif suffix in ITK_SUFFIXES + DICOM_SUFFIXES or (suffix is None and has_dicom_preamble(path)):
             array, affine = _read_itk_file(path)
             fmt = "itk" if suffix in ITK_SUFFIXES else "dicom"
         else:
@@ -164,10 +455,14 @@ def read_volume(
     except InvalidScanError:
         raise
     except Exception as error:  # nibabel, zlib, gzip and ITK each raise their own types for broken files
+        if is_resource_error(error):
+            raise
         raise InvalidScanError(
             path, f"cannot be read, corrupt or truncated? ({type(error).__name__}: {error})"
         ) from error
-    return _check_dimensions(array, path, channel_dim), affine, fmt
+    array = _check_dimensions(array, path, channel_dim)
+    check_affine(affine, path)
+    return array, affine, fmt
 
 
 def _check_dimensions(array: np.ndarray, path: str, channel_dim: int | None) -> np.ndarray:
@@ -213,8 +508,11 @@ class AnatoMaskReader(ImageReader):
         self.series_uid = series_uid
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
-        """Whether every name is a supported image file or a folder (read as a DICOM series)."""
-        return all(image_suffix(name) is not None or os.path.isdir(name) for name in ensure_tuple(filename))
+        """Whether every name is a supported image file, a DICOM file or a folder (read as a DICOM series)."""
+        return all(
+            image_suffix(name) is not None or os.path.isdir(name) or has_dicom_preamble(name)
+            for name in ensure_tuple(filename)
+        )
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> list[str] | str:
         """Return the path(s) unchanged; the files are read in :meth:`get_data` (see the class note)."""

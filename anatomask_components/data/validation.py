@@ -2,15 +2,16 @@
 
 Every check raises :class:`InvalidScanError`. Pretraining may instead skip bad scans with a warning: see
 :class:`anatomask_components.data.datasets.CachedScanDataset` (``on_invalid="warn"``) and
-:func:`check_datalist`.
+:func:`anatomask_components.data.checks.check_datalist`.
+
+This module is the bottom of the data layer: it imports nothing from the package, so that readers,
+datalists, preprocessing, checks and datasets can all build on it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -207,76 +208,3 @@ class ValidateScand(MapTransform):
             if self.num_classes is not None:
                 check_label_values(label, self.num_classes, label_path)
         return d
-
-
-def check_datalist(
-    datalist: str | os.PathLike | Mapping[str, Any],
-    sections: Iterable[str] = ("training", "validation", "test"),
-    image_key: str = "image",
-    label_key: str = "label",
-    num_classes: int | None = None,
-    image_channel_dim: int | None = None,
-    on_error: str = "raise",
-    progress: bool = True,
-) -> tuple[dict[str, Any], list[InvalidScanError]]:
-    """Load every scan of a datalist once and check it (readability, dimensions, finite voxels, label grid,
-    label values).
-
-    Args:
-        datalist: a MONAI datalist dict or the path of its JSON file.
-        sections: datalist sections to check; other sections are copied unchanged.
-        image_key, label_key: item keys.
-        num_classes: if given, label values must lie in ``0 .. num_classes - 1``.
-        image_channel_dim: passed to the reader (``-1`` accepts 4D files whose last axis holds channels).
-        on_error: ``"raise"`` (stop at the first bad item) or ``"warn"`` (warn, drop the item, go on).
-        progress: print one line per item.
-
-    Returns:
-        the datalist without the bad items, and the errors found.
-
-    Raises:
-        InvalidScanError: the first bad item, when ``on_error="raise"``.
-    """
-    from monai.transforms import Compose
-
-    from anatomask_components.data.datalists import image_label
-    from anatomask_components.data.preprocessing import loading_transforms
-
-    if on_error not in ("raise", "warn"):
-        raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-    if not isinstance(datalist, Mapping):
-        with open(datalist) as f:
-            datalist = json.load(f)
-    load = Compose(
-        loading_transforms(
-            image_key, label_key, num_classes, image_channel_dim=image_channel_dim, label_optional=True
-        )
-    )
-    cleaned = dict(datalist)
-    errors: list[InvalidScanError] = []
-    for section in sections:
-        items = datalist.get(section, [])
-        kept = []
-        for index, item in enumerate(items):
-            item = item if isinstance(item, Mapping) else {image_key: item}
-            try:
-                load(dict(item))
-            except Exception as error:  # MONAI wraps the reader's InvalidScanError; anything else is a bug
-                invalid = find_invalid_scan_error(error)
-                if invalid is None:
-                    raise
-                if on_error == "raise":
-                    raise invalid from error
-                warnings.warn(f"skipping invalid item: {invalid}", stacklevel=2)
-                errors.append(invalid)
-                status = f"INVALID {invalid.problem or invalid}"
-            else:
-                kept.append(item)
-                status = "ok"
-            if progress:
-                print(
-                    f"[check] {section} {index + 1}/{len(items)} {image_label(item, image_key)}: {status}",
-                    flush=True,
-                )
-        cleaned[section] = kept
-    return cleaned, errors

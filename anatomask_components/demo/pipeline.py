@@ -101,12 +101,13 @@ class DemoSettings:
         return cls(
             quick=True,
             seed=seed,
-            pretrain_epochs=6,
+            pretrain_epochs=5,
             pretrain_warmup_epochs=1,
-            save_every_epochs=3,
+            save_every_epochs=5,
             finetune_epochs=2,
-            iterations_per_epoch=8,
+            iterations_per_epoch=6,
             val_interval=2,
+            sw_overlap=0.25,
             analysis_masks=2,
             progress_every=4,
         )
@@ -143,10 +144,14 @@ def _network_override(settings: DemoSettings) -> dict[str, Any]:
     }
 
 
-def pretrain_override(settings: DemoSettings, masking: str, datalist: Path) -> dict[str, Any]:
-    """The pretraining bundle's settings for one demo run (``masking``: ``"random"`` or ``"anatomask"``)."""
+def pretrain_override(
+    settings: DemoSettings, masking: str, datalist: Path, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """The pretraining bundle's settings for one demo run (``masking``: ``"random"`` or ``"anatomask"``;
+    ``cache_dir``: a preprocessing cache shared by the runs, which preprocess identically)."""
     return {
         **_network_override(settings),
+        **({"cache_dir": str(cache_dir)} if cache_dir is not None else {}),
         "datalist": str(datalist),
         "masking": masking,
         "mask_ratio": settings.mask_ratio,
@@ -166,10 +171,18 @@ def pretrain_override(settings: DemoSettings, masking: str, datalist: Path) -> d
     }
 
 
-def finetune_override(settings: DemoSettings, datalist: Path, test_scan: Path, encoder: Path | None) -> dict:
-    """The FLARE22 bundle's settings for one demo run (``encoder``: a pretraining export, or None)."""
+def finetune_override(
+    settings: DemoSettings,
+    datalist: Path,
+    test_scan: Path,
+    encoder: Path | None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The FLARE22 bundle's settings for one demo run (``encoder``: a pretraining export, or None;
+    ``cache_dir``: a preprocessing cache shared by the runs)."""
     return {
         **_network_override(settings),
+        **({"cache_dir": str(cache_dir)} if cache_dir is not None else {}),
         "datalist": str(datalist),
         "dataset_dir": str(test_scan),
         "pretrained_weights": str(encoder) if encoder is not None else "",
@@ -360,6 +373,8 @@ def run_demo(
     fetch_examples(str(data), None if cache_dir is None else str(cache_dir))
     fetch_seconds = time.perf_counter() - fetch_start
     pretrain_datalist = _write_demo_datalist(data)
+    # the examples were just rewritten, so an earlier demo's preprocessed volumes can never be hits
+    shutil.rmtree(output / "cache", ignore_errors=True)
     flare_datalist = data / "datalists" / "flare22.json"
     test_scan = data / "images" / "C_ct_dicom"
 
@@ -405,7 +420,7 @@ def run_demo(
         folder = prepare_bundle(
             BUNDLES_DIR / FINETUNE_BUNDLE,
             output / name,
-            finetune_override(settings, flare_datalist, test_scan, encoder),
+            finetune_override(settings, flare_datalist, test_scan, encoder, output / "cache" / "finetune"),
         )
         result = run_bundle(
             folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"

@@ -1,13 +1,15 @@
-"""Networks: STU-Net, its sparse pretraining encoder and the reconstruction decoders."""
+"""Networks: STU-Net, its sparse pretraining encoder, the reconstruction decoders and a ViT MAE."""
 
 from anatomask_components.networks.pretrain import AnatoMaskPretrainModel
 from anatomask_components.networks.sparse import SparseSTUNetEncoder
 from anatomask_components.networks.stunet import STUNET_PRESETS, BasicResBlock, STUNet, UpsampleNearest
+from anatomask_components.networks.vit import MAEPretrainModel
 
 __all__ = [
     "STUNET_PRESETS",
     "AnatoMaskPretrainModel",
     "BasicResBlock",
+    "MAEPretrainModel",
     "STUNet",
     "SparseSTUNetEncoder",
     "UpsampleNearest",

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from anatomask_components.patches import unpatchify
 
-__all__ = ["LightDecoder", "SimpleDecoder", "UpBlock"]
+__all__ = ["LightDecoder", "PatchLossHead", "SimpleDecoder", "UpBlock"]
 
 
 def _init_decoder(module: nn.Module) -> None:
@@ -125,3 +125,30 @@ class SimpleDecoder(nn.Module):
         # (B, P*C, h, w, d) -> (B, L, P*C): one row per patch, in raster order
         patches = x.flatten(2).transpose(1, 2)
         return unpatchify(patches, self.patch_size, x.shape[2:])
+
+
+class PatchLossHead(nn.Module):
+    """A light loss predictor: one value per mask unit from the deepest densified features.
+
+    conv3 -> BN -> ReLU6 -> conv1 to one channel. The deepest level has one voxel per mask unit, so the
+    output holds one predicted loss per patch; the 3^3 kernel lets it look at the neighbouring patches.
+    A cheaper alternative to HPM's second decoder (METHOD.md section 11).
+
+    Args:
+        width: channels of the deepest densified level.
+
+    Forward input: ``(B, width, h, w, d)``. Output: ``(B, h * w * d)`` in raster order (``d`` fastest).
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Conv3d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm3d(width),
+            nn.ReLU6(inplace=True),
+            nn.Conv3d(width, 1, kernel_size=1),
+        )
+        _init_decoder(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).flatten(1)

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from anatomask_components.networks.decoders import LightDecoder, SimpleDecoder
+from anatomask_components.networks.decoders import LightDecoder, PatchLossHead, SimpleDecoder
 from anatomask_components.networks.sparse import (
     NormPooling,
     SparseSTUNetEncoder,
@@ -17,7 +17,7 @@ from anatomask_components.networks.sparse import (
     upsample_patch_mask,
 )
 from anatomask_components.networks.stunet import STUNet
-from anatomask_components.patches import mask_to_visible_grid, patch_grid
+from anatomask_components.patches import mask_to_visible_grid, patch_grid, patchify
 
 __all__ = ["AnatoMaskPretrainModel"]
 
@@ -39,9 +39,19 @@ class AnatoMaskPretrainModel(nn.Module):
         backend: sparse encoder backend, ``"dense"`` (masked dense convs) or ``"spconv"``.
         norm_pooling: sparse instance-norm statistics over the batch (reference) or per ``"sample"``.
         hierarchy: number of densified levels fed to the hierarchical decoder.
+        encoder_init: ``"pytorch"`` keeps PyTorch's default initialisation of the encoder convolutions
+            (reference pretraining), ``"he"`` nnU-Net's He initialisation (what a fine-tuning STU-Net gets).
+        densify_init: the densify projections: ``"pytorch"`` default (reference) or ``"trunc_normal"``
+            (std 0.02, zero bias, as SparK's decoder).
+        densify_norm_eps: epsilon of the densify normalisation (reference 1e-6; PyTorch's default 1e-5).
+        loss_predictor: HPM's loss predictor (METHOD.md section 11), off (None) by default: ``"head"``, a
+            light conv head on the deepest densified level (:class:`PatchLossHead`), or ``"decoder"``, a
+            second decoder of the reconstruction decoder's shape with one output channel, averaged over
+            each patch (HPM's design).
 
     Forward input: ``x`` ``(B, C, H, W, D)`` and ``mask`` ``(B, L)`` bool (True = masked) over the
-    ``patch_size`` grid in raster order. Output: reconstruction ``(B, C, H, W, D)``.
+    ``patch_size`` grid in raster order. Output: reconstruction ``(B, C, H, W, D)``, and with
+    ``return_loss_prediction`` also the predicted loss of every patch ``(B, L)``.
     """
 
     def __init__(
@@ -56,9 +66,23 @@ class AnatoMaskPretrainModel(nn.Module):
         backend: Literal["dense", "spconv"] = "dense",
         norm_pooling: NormPooling = "batch",
         hierarchy: int = 4,
+        encoder_init: Literal["pytorch", "he"] = "pytorch",
+        densify_init: Literal["pytorch", "trunc_normal"] = "pytorch",
+        densify_norm_eps: float = 1e-6,
+        loss_predictor: Literal["head", "decoder"] | None = None,
     ) -> None:
         super().__init__()
+        if encoder_init not in ("pytorch", "he"):
+            raise ValueError(f"encoder_init must be 'pytorch' or 'he', got {encoder_init!r}.")
+        if densify_init not in ("pytorch", "trunc_normal"):
+            raise ValueError(f"densify_init must be 'pytorch' or 'trunc_normal', got {densify_init!r}.")
         stunet = STUNet(in_channels, 1, size=size, depths=depths, dims=dims, strides=strides)
+        if encoder_init == "pytorch":
+            # STUNet applies He at construction (right for fine-tuning); the reference pretrains from
+            # PyTorch's default initialisation
+            for m in stunet.conv_blocks_context.modules():
+                if isinstance(m, nn.Conv3d):
+                    m.reset_parameters()
         self.in_channels = in_channels
         self.norm_pooling = norm_pooling
         self.sparse_encoder = SparseSTUNetEncoder.from_stunet(stunet, num_stages, backend, norm_pooling)
@@ -94,15 +118,30 @@ class AnatoMaskPretrainModel(nn.Module):
             token = nn.Parameter(torch.zeros(1, e_width, 1, 1, 1))
             nn.init.trunc_normal_(token, mean=0.0, std=0.02, a=-0.02, b=0.02)
             self.mask_tokens.append(token)
-            self.densify_norms.append(nn.InstanceNorm3d(e_width, affine=True))
+            self.densify_norms.append(nn.InstanceNorm3d(e_width, eps=densify_norm_eps, affine=True))
             if i == 0 and e_width == d_width:
                 proj = nn.Identity()
             else:
                 k = 1 if i == 0 else 3
                 proj = nn.Conv3d(e_width, d_width, kernel_size=k, padding=k // 2)
-                nn.init.trunc_normal_(proj.weight, std=0.02)
-                nn.init.zeros_(proj.bias)
+                if densify_init == "trunc_normal":
+                    nn.init.trunc_normal_(proj.weight, std=0.02)
+                    nn.init.zeros_(proj.bias)
             self.densify_projs.append(proj)
+        self.loss_predictor_type = loss_predictor
+        width = self.dense_decoder.level_widths[0]
+        if loss_predictor is None:
+            self.loss_predictor = None
+        elif loss_predictor == "head":
+            self.loss_predictor = PatchLossHead(width)
+        elif loss_predictor == "decoder":
+            self.loss_predictor = (
+                LightDecoder(width, patch[0], 1)
+                if decoder == "hierarchical"
+                else SimpleDecoder(width, patch, 1)
+            )
+        else:
+            raise ValueError(f"unknown loss_predictor {loss_predictor!r}; choose None, 'head' or 'decoder'.")
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -113,7 +152,17 @@ class AnatoMaskPretrainModel(nn.Module):
         """Number of mask units ``L`` of a crop."""
         return math.prod(patch_grid(spatial_shape, self.patch_size))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def densify(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Sparse encoding and densification: the decoder's inputs.
+
+        Args:
+            x: ``(B, C, H, W, D)`` input.
+            mask: ``(B, L)`` bool, True = masked.
+
+        Returns:
+            one tensor per decoder level, coarsest first: normalised features at visible positions, the
+            level's mask token elsewhere, projected to the decoder width of that level.
+        """
         grid = patch_grid(x.shape[2:], self.patch_size)
         visible = mask_to_visible_grid(mask, grid)
         features = self.sparse_encoder(x, visible)
@@ -126,7 +175,43 @@ class AnatoMaskPretrainModel(nn.Module):
             vis = upsample_patch_mask(visible, factor)
             feat = masked_instance_norm(features[stage], vis, norm, self.norm_pooling)
             to_dec.append(proj(torch.where(vis, feat, token.to(feat.dtype))))
-        return self.dense_decoder(to_dec)
+        return to_dec
+
+    def _predict_losses(self, to_dec: list[torch.Tensor]) -> torch.Tensor:
+        if self.loss_predictor_type == "head":
+            return self.loss_predictor(to_dec[0])
+        return patchify(self.loss_predictor(to_dec), self.patch_size).mean(dim=-1)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, return_loss_prediction: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        to_dec = self.densify(x, mask)
+        reconstruction = self.dense_decoder(to_dec)
+        if not return_loss_prediction:
+            return reconstruction
+        if self.loss_predictor is None:
+            raise ValueError(
+                "this model has no loss predictor; build it with loss_predictor='head' or 'decoder'."
+            )
+        return reconstruction, self._predict_losses(to_dec)
+
+    def predict_patch_losses(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss predictor alone (no reconstruction), e.g. the HPM teacher on the unmasked input.
+
+        Args:
+            x: ``(B, C, H, W, D)`` input.
+            mask: ``(B, L)`` bool, True = masked; None: nothing masked.
+
+        Returns:
+            ``(B, L)`` predicted reconstruction loss of every patch.
+        """
+        if self.loss_predictor is None:
+            raise ValueError(
+                "this model has no loss predictor; build it with loss_predictor='head' or 'decoder'."
+            )
+        if mask is None:
+            mask = torch.zeros(x.shape[0], self.num_patches(x.shape[2:]), dtype=torch.bool, device=x.device)
+        return self._predict_losses(self.densify(x, mask))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The pretrained encoder under official STU-Net keys (``conv_blocks_context.*``)."""

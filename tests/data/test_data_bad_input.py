@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from anatomask_components.data.checks import check_datalist
 from anatomask_components.data.datalists import folder_datalist
 from anatomask_components.data.datasets import CachedScanDataset
 from anatomask_components.data.phantoms import make_affine
 from anatomask_components.data.preprocessing import deterministic_transforms, pretrain_transforms
 from anatomask_components.data.readers import read_volume
-from anatomask_components.data.validation import InvalidScanError, check_datalist
+from anatomask_components.data.validation import InvalidScanError
 from anatomask_components.data.writers import write_dicom_series, write_volume
 
 AFFINE = make_affine((1.5, 1.5, 1.5))

@@ -1,9 +1,22 @@
-"""Real example CT/MR from the TotalSegmentator 2.18.0 source archive (needs the package index once)."""
+"""Real example CT/MR from the TotalSegmentator 2.18.0 source archive.
+
+The tests marked ``network`` need the package index once (later runs reuse the cached archive); the others
+check download verification and extraction offline, on a small archive with the same layout.
+"""
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
+import io
 import json
+import shutil
 import socket
+import tarfile
+import urllib.error
+import urllib.parse
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,15 +27,232 @@ from anatomask_components.data.preprocessing import finetune_val_transforms
 from anatomask_components.data.readers import read_volume
 from anatomask_components.data.validation import canonical_grid
 
-pytestmark = pytest.mark.network
+_TOP = f"{examples.PACKAGE}-{examples.VERSION}"
+_REFERENCE = f"{_TOP}/tests/reference_files"
 
 
 def _index_reachable() -> bool:
+    parsed = urllib.parse.urlparse(examples.index_url())
+    if parsed.scheme == "file":
+        return True
     try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
         return True
     except OSError:
         return False
+
+
+def _nifti_bytes(values: np.ndarray) -> bytes:
+    image = nib.Nifti1Image(values, np.diag([3.0, 3.0, 3.0, 1.0]))
+    return gzip.compress(image.to_bytes(), mtime=0)
+
+
+def _fake_dicom(index: int) -> bytes:
+    return b"\0" * 128 + b"DICM" + f"fake slice {index}".encode()
+
+
+def _add(tar: tarfile.TarFile, name: str, content: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    tar.addfile(info, io.BytesIO(content))
+
+
+def write_fake_archive(path: Path, extra: dict[str, bytes] | None = None, seed: int = 0) -> Path:
+    """A small .tar.gz laid out like the TotalSegmentator source archive (tiny scans, fake DICOM)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 100.0, (6, 5, 4)).astype(np.float32)
+    label = rng.integers(0, 30, (6, 5, 4)).astype(np.uint8)
+    members = {
+        f"{_TOP}/LICENSE": b"Apache License 2.0 (test copy)\n",
+        f"{_TOP}/setup.py": b"raise SystemExit('must never be extracted nor run')\n",
+        f"{_REFERENCE}/example_ct.nii.gz": _nifti_bytes(image),
+        f"{_REFERENCE}/aorta_report/example_ct.nii.gz": _nifti_bytes(image + 1.0),
+        f"{_REFERENCE}/example_mr_sm.nii.gz": _nifti_bytes(image + 2.0),
+        f"{_REFERENCE}/example_seg_fast_force_split.nii.gz": _nifti_bytes(label),
+        f"{_REFERENCE}/example_seg_dicom.nii.gz": _nifti_bytes(label),
+        f"{_REFERENCE}/example_seg_mr.nii.gz": _nifti_bytes(label),
+        f"{_REFERENCE}/example_ct_dicom/IM0001": _fake_dicom(1),
+        f"{_REFERENCE}/example_ct_dicom/IM0002": _fake_dicom(2),
+        **(extra or {}),
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            _add(tar, name, content)
+    return path
+
+
+@pytest.fixture
+def fake_index(tmp_path, monkeypatch):
+    """Pin the sha256 of a fake archive and serve it from a stub download: returns (archive, served).
+
+    ``served["path"]`` is the file the stub copies, ``served["index_sha256"]`` the hash it reports."""
+    archive = write_fake_archive(tmp_path / "good.tar.gz")
+    monkeypatch.setattr(examples, "ARCHIVE_SHA256", examples.sha256_of(archive))
+    served = {"path": archive, "index_sha256": None, "calls": 0}
+
+    def stub_download(target):
+        served["calls"] += 1
+        shutil.copyfile(served["path"], target)
+        return served["index_sha256"]
+
+    monkeypatch.setattr(examples, "download_archive", stub_download)
+    return archive, served
+
+
+def test_a_verified_archive_is_cached_and_only_the_examples_are_extracted(tmp_path, fake_index):
+    _, served = fake_index
+    cache, dest = tmp_path / "cache", tmp_path / "examples"
+    manifest = examples.fetch_examples(str(dest), cache_dir=str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == [examples.ARCHIVE_NAME]  # no partial file left
+    written = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert written == sorted(
+        [
+            "LICENSE_TotalSegmentator.txt",
+            "examples.json",
+            "images/A_ct.nii.gz",
+            "images/B_ct.nii.gz",
+            "images/C_ct_dicom/IM0001",
+            "images/C_ct_dicom/IM0002",
+            "images/MR_mr.nii.gz",
+            "labels/A_totalseg.nii.gz",
+            "labels/C_totalseg.nii.gz",
+            "labels/MR_totalseg_mr.nii.gz",
+            "labels/A_flare22.nii.gz",
+            "labels/A_amos22.nii.gz",
+            "labels/C_flare22.nii.gz",
+            "labels/C_amos22.nii.gz",
+            "labels/MR_amos22.nii.gz",
+            "datalists/pretrain.json",
+            "datalists/flare22.json",
+            "datalists/amos22.json",
+        ]
+    )
+    assert (dest / "images/C_ct_dicom/IM0002").read_bytes() == _fake_dicom(2)
+    assert nib.load(dest / "images/A_ct.nii.gz").shape == (6, 5, 4)
+    assert manifest["archive_sha256"] == examples.ARCHIVE_SHA256
+    # the second fetch reuses the cached archive
+    examples.fetch_examples(str(tmp_path / "again"), cache_dir=str(cache))
+    assert served["calls"] == 1
+
+
+def test_a_tampered_archive_is_deleted_without_being_extracted(tmp_path, fake_index):
+    _, served = fake_index
+    served["path"] = write_fake_archive(tmp_path / "tampered.tar.gz", seed=1)
+    cache, dest = tmp_path / "cache", tmp_path / "examples"
+    with pytest.raises(RuntimeError, match=r"sha256 [0-9a-f]{64} does not match the pinned"):
+        examples.fetch_examples(str(dest), cache_dir=str(cache))
+    assert list(cache.iterdir()) == [] and not dest.exists()
+
+
+def test_an_archive_the_index_lists_with_another_hash_is_refused(tmp_path, fake_index):
+    _, served = fake_index
+    served["index_sha256"] = "0" * 64
+    with pytest.raises(RuntimeError, match="does not match the package index's"):
+        examples.fetch_archive(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_cached_archive_with_a_wrong_checksum_is_downloaded_again(tmp_path, fake_index):
+    archive, served = fake_index
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / examples.ARCHIVE_NAME).write_bytes(b"truncated")
+    assert examples.sha256_of(examples.fetch_archive(cache)) == examples.sha256_of(archive)
+    assert served["calls"] == 1
+
+
+@pytest.mark.parametrize(
+    "member",
+    [f"{_REFERENCE}/example_ct_dicom/../../../../../escaped.txt", "../escaped.txt", "/tmp/escaped.txt"],
+    ids=["dotdot-in-dicom-folder", "dotdot", "absolute"],
+)
+def test_a_member_outside_the_archive_folder_is_refused(tmp_path, monkeypatch, member):
+    archive = write_fake_archive(tmp_path / "evil.tar.gz", extra={member: b"escaped"})
+    monkeypatch.setattr(examples, "ARCHIVE_SHA256", examples.sha256_of(archive))
+    dest = tmp_path / "deep" / "examples"
+    with pytest.raises(RuntimeError, match="refusing member"):
+        examples._extract(archive, dest)
+    assert not dest.exists()  # refused before anything was written
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "deep" / "escaped.txt").exists()
+
+
+def test_offline_first_fetch_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(target):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(examples, "download_archive", offline)
+    with pytest.raises(RuntimeError, match="could not download .* reachable for the first fetch"):
+        examples.fetch_archive(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_archive_is_found_in_a_pep503_index_and_downloaded_as_a_file(tmp_path, monkeypatch):
+    (tmp_path / "files").mkdir()
+    archive = write_fake_archive(tmp_path / "files" / examples.ARCHIVE_NAME)
+    digest = examples.sha256_of(archive)
+    page = tmp_path / "simple" / examples.PACKAGE / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(
+        "<!DOCTYPE html><html><body>\n"
+        f'<a href="../../files/other-1.0.tar.gz#sha256={"1" * 64}">other-1.0.tar.gz</a><br/>\n'
+        f'<a href="../../files/{examples.ARCHIVE_NAME}#sha256={digest}">{examples.ARCHIVE_NAME}</a><br/>\n'
+        "</body></html>\n"
+    )
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
+    monkeypatch.setattr(examples, "ARCHIVE_SHA256", digest)
+    cached = examples.fetch_archive(tmp_path / "cache")
+    assert cached.read_bytes() == archive.read_bytes()
+
+
+def test_the_archive_is_found_in_a_pep691_json_page():
+    digest = hashlib.sha256(b"x").hexdigest()
+    page = json.dumps(
+        {
+            "meta": {"api-version": "1.1"},
+            "files": [
+                {"filename": "totalsegmentator-2.17.0.tar.gz", "url": "../../f/old.tar.gz", "hashes": {}},
+                {
+                    "filename": examples.ARCHIVE_NAME,
+                    "url": f"../../f/{examples.ARCHIVE_NAME}#sha256={digest}",
+                    "hashes": {"sha256": digest},
+                },
+            ],
+        }
+    ).encode()
+    url, sha = examples.find_archive_url(
+        page, "application/vnd.pypi.simple.v1+json", "https://index.example/simple/totalsegmentator/"
+    )
+    assert (url, sha) == (f"https://index.example/f/{examples.ARCHIVE_NAME}", digest)
+    with pytest.raises(RuntimeError, match="does not list"):
+        examples.find_archive_url(b"<html></html>", "text/html", "https://index.example/simple/x/")
+
+
+def test_the_index_is_the_one_pip_uses(monkeypatch):
+    from pip._internal.models.index import PyPI
+
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
+    assert examples.index_url() == "https://mirror.example/simple"
+    monkeypatch.delenv("PIP_INDEX_URL")
+
+    class Result:
+        def __init__(self, returncode, stdout):
+            self.returncode, self.stdout = returncode, stdout
+
+    monkeypatch.setattr(examples.subprocess, "run", lambda *a, **k: Result(0, "https://config.example/s\n"))
+    assert examples.index_url() == "https://config.example/s"
+    monkeypatch.setattr(examples.subprocess, "run", lambda *a, **k: Result(1, ""))  # key not set
+    assert examples.index_url() == PyPI.simple_url
+
+
+def test_credentials_in_the_index_url_become_a_header():
+    url, header = examples._split_credentials("https://user:t%40ken@index.example:8443/simple/p/")
+    assert url == "https://index.example:8443/simple/p/"
+    assert header == "Basic " + base64.b64encode(b"user:t@ken").decode()
+    assert examples._split_credentials("https://index.example/simple/") == (
+        "https://index.example/simple/",
+        None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +265,7 @@ def fetched(tmp_path_factory):
     return dest, manifest
 
 
+@pytest.mark.network
 def test_cases_have_the_documented_geometry(fetched):
     dest, manifest = fetched
     assert manifest["archive_sha256"] == examples.ARCHIVE_SHA256
@@ -52,6 +283,7 @@ def test_cases_have_the_documented_geometry(fetched):
         np.testing.assert_allclose(ours, theirs, atol=1e-3)
 
 
+@pytest.mark.network
 def test_remapped_labels_and_datalists(fetched):
     dest, _ = fetched
     a_flare = np.unique(np.asanyarray(nib.load(dest / "labels/A_flare22.nii.gz").dataobj))
@@ -79,6 +311,7 @@ def test_remapped_labels_and_datalists(fetched):
     assert len(pretrain["training"]) == 3
 
 
+@pytest.mark.network
 def test_dicom_case_and_its_label_line_up_after_preprocessing(fetched):
     dest, _ = fetched
     flare = json.loads((dest / "datalists/flare22.json").read_text())
@@ -89,12 +322,27 @@ def test_dicom_case_and_its_label_line_up_after_preprocessing(fetched):
     assert 60.0 < liver < 150.0 and 50.0 < spleen < 150.0  # contrast-enhanced organs, in HU
 
 
+@pytest.mark.network
 def test_second_fetch_works_offline(fetched, tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
-        raise AssertionError("pip must not run when the archive is cached")
+        raise AssertionError("nothing may be downloaded when the archive is cached")
 
+    monkeypatch.setattr(examples, "download_archive", no_network)
+    monkeypatch.setattr(examples, "_open", no_network)
     monkeypatch.setattr(examples.subprocess, "run", no_network)
     examples.fetch_examples(str(tmp_path))
     assert (tmp_path / "images/C_ct_dicom").is_dir() and len(
         list((tmp_path / "images/C_ct_dicom").iterdir())
     ) == 20
+
+
+@pytest.mark.network
+def test_the_package_index_lists_the_pinned_archive():
+    if not _index_reachable():
+        pytest.skip("package index unreachable")
+    page_url = examples.index_url().rstrip("/") + f"/{examples.PACKAGE}/"
+    page_url, authorization = examples._split_credentials(page_url)
+    with examples._open(page_url, examples._INDEX_ACCEPT, authorization) as response:
+        body, content_type = response.read(), response.headers.get("Content-Type", "")
+    url, sha = examples.find_archive_url(body, content_type, page_url)
+    assert url.endswith("/" + examples.ARCHIVE_NAME) and sha in (None, examples.ARCHIVE_SHA256)
