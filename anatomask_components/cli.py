@@ -239,6 +239,23 @@ def demo(
     run_demo(output, quick=quick, seed=seed, cache_dir=cache_dir, report_only=report_only)
 
 
+def export_bundle(name: str, out: str, weights: str | None = None) -> None:
+    """Write a Model Zoo archive (zip) of a bundle that runs without this package installed: the package's
+    code travels inside it as ``scripts/anatomask_components`` (the Zoo's ``scripts/`` convention).
+
+    Args:
+        name: anatomask_pretrain, anatomask_finetune_flare22, anatomask_finetune_amos22 or
+            anatomask_finetune_autopet.
+        out: zip file to write.
+        weights: flat state dict of the bundle's network, stored as models/model.pt (default: no weights;
+            large_files.yml lists published ones).
+    """
+    from anatomask_components.export import export_bundle as export
+
+    archive = export(name, out, weights)
+    print(f"[export-bundle] {name} -> {archive} ({archive.stat().st_size} bytes)")
+
+
 COMMANDS = {
     "info": info,
     "datalist": datalist,
@@ -248,6 +265,7 @@ COMMANDS = {
     "phantoms": phantoms,
     "report": report,
     "demo": demo,
+    "export-bundle": export_bundle,
 }
 
 

@@ -50,8 +50,10 @@ class AnatoMaskPretrainModel(nn.Module):
             each patch (HPM's design).
 
     Forward input: ``x`` ``(B, C, H, W, D)`` and ``mask`` ``(B, L)`` bool (True = masked) over the
-    ``patch_size`` grid in raster order. Output: reconstruction ``(B, C, H, W, D)``, and with
-    ``return_loss_prediction`` also the predicted loss of every patch ``(B, L)``.
+    ``patch_size`` grid in raster order; ``mask=None`` masks nothing: a plain reconstruction of the whole
+    input (what ``network_def(x)`` gives, e.g. in MONAI's ``verify_net_in_out``). Output: reconstruction
+    ``(B, C, H, W, D)``, and with ``return_loss_prediction`` also the predicted loss of every patch
+    ``(B, L)``.
     """
 
     def __init__(
@@ -183,8 +185,10 @@ class AnatoMaskPretrainModel(nn.Module):
         return patchify(self.loss_predictor(to_dec), self.patch_size).mean(dim=-1)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, return_loss_prediction: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_loss_prediction: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if mask is None:
+            mask = torch.zeros(x.shape[0], self.num_patches(x.shape[2:]), dtype=torch.bool, device=x.device)
         to_dec = self.densify(x, mask)
         reconstruction = self.dense_decoder(to_dec)
         if not return_loss_prediction:

@@ -68,7 +68,8 @@ class UpsampleNearest(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, scale_factor: Sequence[int]) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=1)
-        self.scale_factor = tuple(int(s) for s in scale_factor)
+        # a list of floats: the only per-axis scale_factor type TorchScript's F.interpolate accepts
+        self.scale_factor: list[float] = [float(s) for s in scale_factor]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=self.scale_factor, mode="nearest"))
@@ -105,7 +106,11 @@ class STUNet(nn.Module):
 
     Input: ``(B, in_channels, H, W, D)`` with each spatial size divisible by the total stride.
     Output: ``(B, out_channels, H, W, D)`` logits, or a list of logits at decreasing resolution.
+
+    The network is scriptable (``torch.jit.script``, as MONAI's ``ckpt_export`` runs it).
     """
+
+    __jit_unused_properties__ = ["total_stride"]
 
     def __init__(
         self,
@@ -165,19 +170,22 @@ class STUNet(nn.Module):
         return tuple(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        skips = []
-        for stage in self.conv_blocks_context[:-1]:
+        num_pool = len(self.upsample_layers)
+        skips: list[torch.Tensor] = []
+        # TorchScript cannot slice a ModuleList: keep the bottleneck out of the skips by index
+        for d, stage in enumerate(self.conv_blocks_context):
             x = stage(x)
-            skips.append(x)
-        x = self.conv_blocks_context[-1](x)
-        outputs = []
+            if d < num_pool:
+                skips.append(x)
+        deep = self.deep_supervision and self.training
+        outputs: list[torch.Tensor] = []
         for u, (up, block, head) in enumerate(
             zip(self.upsample_layers, self.conv_blocks_localization, self.seg_outputs)
         ):
             x = block(torch.cat((up(x), skips[-(u + 1)]), dim=1))
-            if self.deep_supervision and self.training or u == len(self.seg_outputs) - 1:
+            if deep or u == num_pool - 1:
                 outputs.append(head(x))
-        if self.deep_supervision and self.training:
+        if deep:
             # full resolution first; the coarsest output is left out, as in nnU-Net
             return outputs[::-1][:-1] if len(outputs) > 1 else outputs
         return outputs[-1]

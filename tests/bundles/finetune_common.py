@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from packaging.specifiers import SpecifierSet
 
 from anatomask_components.checkpointing import atomic_save
 from anatomask_components.data.readers import read_volume
@@ -61,7 +62,11 @@ def check_metadata(bundle: str) -> dict[str, Any]:
     metadata = json.loads((configs(bundle) / "metadata.json").read_text())
     assert METADATA_FIELDS <= set(metadata)
     assert metadata["version"] in metadata["changelog"]
-    assert metadata["required_packages_version"]["anatomask-components"] == "0.1.0"
+    # version ranges (tests/bundles/test_metadata.py checks them all); this package's must admit its version
+    assert SpecifierSet(metadata["required_packages_version"]["anatomask-components"]).contains("0.1.0")
+    assert metadata["eval_metrics"] == {} or all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in metadata["eval_metrics"].values()
+    )
     data_format = metadata["network_data_format"]
     assert list(data_format["inputs"]) == ["image"] and list(data_format["outputs"]) == ["pred"]
     for tensor in (data_format["inputs"]["image"], data_format["outputs"]["pred"]):

@@ -1,0 +1,238 @@
+"""Model Zoo archives of the repository's bundles (``anatomask export-bundle``).
+
+The bundles in ``bundles/`` import the installed ``anatomask_components`` package. An archive must run where
+the package is not installed, so the package's code travels inside it following the Zoo's ``scripts/``
+convention: ``scripts/anatomask_components/...`` is the package's source with every absolute reference to the
+package in code rewritten mechanically to ``scripts.anatomask_components``, and the configs get the same
+rewrite in their ``_target_`` paths and ``$`` expressions, plus ``"$import scripts"`` in their imports.
+
+``scripts`` is found where the bundle folder is on ``sys.path``: ``python -m monai.bundle run`` started in the
+bundle folder (``-m`` puts the working directory first on ``sys.path``) or with ``PYTHONPATH`` set to it, and
+MONAI Label, which puts the bundle folder on ``sys.path`` and unloads ``scripts`` between bundles. Started
+elsewhere, ``--bundle_root`` alone is not enough: monai 1.6 adds the bundle folder to ``sys.path`` only when
+the workflow runs, after the configs' imports. Because the whole package lives under ``scripts``, each bundle
+gets its own copy and nothing leaks between bundles.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import shutil
+import tokenize
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import anatomask_components
+from anatomask_components.weights import load_checkpoint
+
+__all__ = [
+    "BUNDLE_NAMES",
+    "export_bundle",
+    "exported_config",
+    "exported_metadata",
+    "exported_package",
+    "rewrite_imports",
+]
+
+BUNDLE_NAMES = (
+    "anatomask_pretrain",
+    "anatomask_finetune_flare22",
+    "anatomask_finetune_amos22",
+    "anatomask_finetune_autopet",
+)
+REPOSITORY_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+PACKAGE = "anatomask_components"
+DISTRIBUTION = "anatomask-components"
+SCRIPTS = "scripts"
+# The command line, this exporter and the demo drive the package from outside; no bundle runs them.
+EXCLUDED = ("cli.py", "export.py", "demo")
+# What a bundle holds besides models/ (weights come from --weights only, never from a local training run).
+BUNDLE_FILES = ("LICENSE", "large_files.yml")
+BUNDLE_FOLDERS = ("configs", "docs")
+# zip entries get a fixed date so that an archive depends on its content only
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+SCRIPTS_INIT = '''"""Custom code of this bundle: the anatomask_components package, version {version},
+exported by `anatomask export-bundle` with its imports rewritten to scripts.anatomask_components.
+Do not edit it here: change the package and export the bundle again.
+"""
+'''
+
+_PACKAGE_IN_CONFIG = re.compile(rf"(?<![\w.]){PACKAGE}\b")
+
+
+def rewrite_imports(source: str) -> str:
+    """``anatomask_components`` -> ``scripts.anatomask_components`` wherever Python code names the package
+    (imports and attribute chains such as ``anatomask_components.__version__``); strings, comments and
+    docstrings are left as they are."""
+    lines = io.StringIO(source).readlines()  # split as tokenize numbers the rows
+    hits = []
+    previous = None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NL, tokenize.COMMENT):
+            continue
+        after_dot = previous is not None and previous.type == tokenize.OP and previous.string == "."
+        if token.type == tokenize.NAME and token.string == PACKAGE and not after_dot:
+            hits.append(token.start)
+        previous = token
+    for row, col in reversed(hits):
+        line = lines[row - 1]
+        lines[row - 1] = f"{line[:col]}{SCRIPTS}.{line[col:]}"
+    return "".join(lines)
+
+
+def exported_package() -> dict[str, str]:
+    """The package's modules as the archive holds them.
+
+    Returns:
+        path inside the bundle (``scripts/anatomask_components/...``) -> rewritten source, plus a generated
+        ``scripts/__init__.py``.
+
+    Raises:
+        RuntimeError: an exported module imports one that is left out (:data:`EXCLUDED`).
+    """
+    package_dir = Path(anatomask_components.__file__).parent
+    files = {f"{SCRIPTS}/__init__.py": SCRIPTS_INIT.format(version=anatomask_components.__version__)}
+    left_out = re.compile(
+        rf"\b{SCRIPTS}\.{PACKAGE}\.({'|'.join(re.escape(Path(e).stem) for e in EXCLUDED)})\b"
+    )
+    for path in sorted(package_dir.rglob("*.py")):
+        relative = path.relative_to(package_dir)
+        if relative.parts[0] in EXCLUDED:
+            continue
+        source = rewrite_imports(path.read_text())
+        if match := left_out.search(source):
+            raise RuntimeError(
+                f"{PACKAGE}/{relative.as_posix()} imports {match.group(0)}, which is not exported"
+            )
+        files[f"{SCRIPTS}/{PACKAGE}/{relative.as_posix()}"] = source
+    return files
+
+
+def _rewrite_config(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            key: _PACKAGE_IN_CONFIG.sub(f"{SCRIPTS}.{PACKAGE}", item)
+            if key == "_target_" and isinstance(item, str)
+            else _rewrite_config(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_rewrite_config(item) for item in value]
+    if isinstance(value, str) and value.startswith("$"):
+        return _PACKAGE_IN_CONFIG.sub(f"{SCRIPTS}.{PACKAGE}", value)
+    return value
+
+
+def exported_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A bundle config with the package's ``_target_`` paths and ``$`` expressions moved under ``scripts``.
+
+    A config with an ``imports`` list that names the package also gets ``"$import scripts"``, right before
+    its first package import: expressions reach the package as ``scripts.anatomask_components``. Configs
+    without ``imports`` (``evaluate.json``, overrides) are merged on top of one that has them; adding a list
+    there would replace that one's.
+    """
+    exported = _rewrite_config(config)
+    imports = exported.get("imports")
+    if isinstance(imports, list) and exported != config:
+        changed = [i for i, (old, new) in enumerate(zip(config["imports"], imports)) if old != new]
+        imports.insert(changed[0] if changed else len(imports), f"$import {SCRIPTS}")
+    return exported
+
+
+def exported_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json of the archive: without the requirement of the package, whose code it carries."""
+    metadata = copy.deepcopy(metadata)
+    metadata.get("required_packages_version", {}).pop(DISTRIBUTION, None)
+    return metadata
+
+
+def _bundle_entries(bundle_dir: Path) -> dict[str, bytes]:
+    """The bundle's own files, configs rewritten."""
+    entries = {}
+    paths = [bundle_dir / name for name in BUNDLE_FILES if (bundle_dir / name).is_file()]
+    for folder in BUNDLE_FOLDERS:
+        paths += [p for p in sorted((bundle_dir / folder).rglob("*")) if p.is_file()]
+    for path in paths:
+        relative = path.relative_to(bundle_dir)
+        if any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        content = path.read_bytes()
+        if relative.parts[0] == "configs" and path.suffix == ".json":
+            config = json.loads(content)
+            exported = exported_metadata(config) if path.name == "metadata.json" else exported_config(config)
+            content = (json.dumps(exported, indent=4) + "\n").encode()
+        entries[relative.as_posix()] = content
+    return entries
+
+
+def _zip_info(name: str, compress_type: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.external_attr = 0o644 << 16
+    info.compress_type = compress_type
+    return info
+
+
+def export_bundle(
+    name: str,
+    out: str | Path,
+    weights: str | Path | None = None,
+) -> Path:
+    """Write a Model Zoo archive of a bundle that runs without this package installed.
+
+    The zip holds one folder named after the bundle: ``configs/`` (rewritten, see :func:`exported_config`
+    and :func:`exported_metadata`), ``docs/``, ``LICENSE``, ``large_files.yml`` as in the repository,
+    ``scripts/`` (:func:`exported_package`) and, with ``weights``, ``models/model.pt``.
+
+    Args:
+        name: one of :data:`BUNDLE_NAMES`.
+        out: the zip file to write.
+        weights: a flat state dict of the bundle's ``network_def``, stored as ``models/model.pt``. Without
+            it the archive has no weights; ``large_files.yml`` lists published ones.
+
+    Returns:
+        the written archive.
+
+    Raises:
+        ValueError: an unknown bundle, or weights that are not a flat state dict.
+        FileNotFoundError: the weights file is missing, or the repository's ``bundles/`` (the package is
+            not installed from a checkout).
+    """
+    if name not in BUNDLE_NAMES:
+        raise ValueError(f"unknown bundle {name!r}; choose one of {', '.join(BUNDLE_NAMES)}.")
+    bundle_dir = REPOSITORY_BUNDLES / name
+    if not (bundle_dir / "configs" / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"no bundle at {bundle_dir}: export from a checkout of the repository (pip install -e .)"
+        )
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file does not exist: {weights}")
+        state = load_checkpoint(weights)
+        if not (
+            isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+        ):
+            raise ValueError(
+                f"{weights}: models/model.pt must be a flat state dict of network_def (the Zoo loads it "
+                "into the network directly); save network.state_dict() alone, not a training checkpoint."
+            )
+    entries = {**_bundle_entries(bundle_dir), **{k: v.encode() for k, v in exported_package().items()}}
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w") as archive:
+        for path in sorted(entries):
+            archive.writestr(_zip_info(f"{name}/{path}", zipfile.ZIP_DEFLATED), entries[path])
+        if weights is not None:
+            # a PyTorch file is a zip of tensors already: deflating it again costs time and saves nothing
+            info = _zip_info(f"{name}/models/model.pt", zipfile.ZIP_STORED)
+            with open(weights, "rb") as src, archive.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst)
+    return out

@@ -1,0 +1,267 @@
+"""``anatomask export-bundle``: Model Zoo archives whose ``scripts/`` carries the package, so that they run
+where ``anatomask_components`` is not installed."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.abc
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+import anatomask_components
+from anatomask_components import cli
+from anatomask_components.data.phantoms import make_affine, make_phantom, write_phantom_dataset
+from anatomask_components.data.writers import write_volume
+from anatomask_components.export import BUNDLE_NAMES, export_bundle
+from anatomask_components.networks import STUNet
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+PACKAGE_DIR = Path(anatomask_components.__file__).parent
+PACKAGE = "anatomask_components"
+TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
+BARE_PACKAGE = re.compile(rf"(?<![\w.]){PACKAGE}\b")
+# ``python -m monai.bundle`` where the package cannot be imported: the bundle folder (the working directory)
+# comes first on sys.path, as with -m, and any import of the package fails.
+WITHOUT_PACKAGE = """
+import importlib.abc, runpy, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "anatomask_components":
+            raise ImportError(f"{name}: the exported bundle must not need the package")
+
+sys.meta_path.insert(0, Refuse())
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
+class RefusePackage(importlib.abc.MetaPathFinder):
+    """Fails every import of the package."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == PACKAGE:
+            raise ImportError(f"{name}: the exported bundle must not need the package")
+        return None
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("archives")
+    return {name: export_bundle(name, folder / f"{name}.zip") for name in BUNDLE_NAMES}
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(dest)
+    (bundle,) = dest.iterdir()
+    return bundle
+
+
+def package_sources() -> dict[str, str]:
+    """The package's modules a bundle needs: all but the command line, the exporter and the demo."""
+    return {
+        p.relative_to(PACKAGE_DIR).as_posix(): p.read_text()
+        for p in PACKAGE_DIR.rglob("*.py")
+        if p.relative_to(PACKAGE_DIR).parts[0] not in ("cli.py", "export.py", "demo")
+    }
+
+
+@pytest.fixture
+def without_package(monkeypatch):
+    """The package cannot be imported in this process, and ``scripts`` is unloaded before and after, as MONAI
+    Label does between bundles."""
+    for name in [n for n in sys.modules if n.split(".")[0] in (PACKAGE, "scripts")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [RefusePackage(), *sys.meta_path])
+    yield
+    for name in [n for n in sys.modules if n.split(".")[0] == "scripts"]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_scripts_are_the_package(name, archives, tmp_path):
+    """scripts/anatomask_components is the package's source, only the imports rewritten (no hand edits)."""
+    bundle = unpack(archives[name], tmp_path)
+    exported = {
+        p.relative_to(bundle / "scripts" / PACKAGE).as_posix(): p.read_text()
+        for p in (bundle / "scripts" / PACKAGE).rglob("*")
+        if p.is_file()
+    }
+    sources = package_sources()
+    assert sorted(exported) == sorted(sources)
+    for path, text in exported.items():
+        assert text.replace(f"scripts.{PACKAGE}", PACKAGE) == sources[path], path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not [m for m in modules if m and m.split(".")[0] == PACKAGE], (path, modules)
+    assert (bundle / "scripts" / "__init__.py").is_file()
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_bundle_files(name, archives, tmp_path):
+    """Configs name the package under scripts, nothing else changes; metadata drops the package but keeps its
+    requirements; the other files are the repository's."""
+    bundle = unpack(archives[name], tmp_path)
+    assert bundle.name == name
+    source = BUNDLES / name
+    for path in [source / "LICENSE", source / "large_files.yml", *(source / "docs").iterdir()]:
+        assert (bundle / path.relative_to(source)).read_bytes() == path.read_bytes()
+    assert not (bundle / "models").exists()
+    configs = sorted(p.name for p in (source / "configs").iterdir())
+    assert sorted(p.name for p in (bundle / "configs").iterdir()) == configs
+    for config in configs:
+        original = (source / "configs" / config).read_text()
+        text = (bundle / "configs" / config).read_text()
+        if config == "metadata.json":
+            check_metadata(json.loads(text), json.loads(original))
+        elif config.endswith(".json"):
+            content = json.loads(text)
+            assert not [s for s in strings(content) if BARE_PACKAGE.search(s)], config
+            imports = content.get("imports", [])
+            package_imports = [i for i, line in enumerate(imports) if f"scripts.{PACKAGE}" in line]
+            if package_imports:
+                assert imports.index("$import scripts") < package_imports[0], config
+            restored = json.loads(text.replace(f"scripts.{PACKAGE}", PACKAGE))
+            if "$import scripts" in restored.get("imports", []):
+                restored["imports"].remove("$import scripts")
+            assert restored == json.loads(original), config
+        else:
+            assert text == original, config
+
+
+def check_metadata(exported: dict, original: dict) -> None:
+    pins = exported["required_packages_version"]
+    assert "anatomask-components" not in pins
+    assert exported | {"required_packages_version": None} == original | {"required_packages_version": None}
+    # the scripts need what the package needs, but for the command line (fire)
+    needed = {
+        re.match(r"[\w.-]+", r).group(0).lower()
+        for r in importlib.metadata.requires("anatomask-components")
+        if ";" not in r
+    }
+    assert needed - {"fire", "torch", "monai", "numpy"} <= {name.lower() for name in pins}
+
+
+def strings(value):
+    """Every string of a config."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+WORKFLOWS = [("train.json", "train"), ("inference.json", "infer")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """check_properties instantiates the datasets: a labelled datalist, and its images for pretraining."""
+    root = tmp_path_factory.mktemp("data")
+    write_phantom_dataset(root, n_cases=3, shape=(24, 24, 24), num_classes=2, fractions=(0.34, 0.33, 0.33))
+    return {"datalist": root / "datalist.json", "images": root / "images"}
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_properties_without_package(name, archives, data, tmp_path, monkeypatch, without_package):
+    """Where only MONAI is installed: the configs' imports, their network and every exported module load from
+    scripts/ (the bundle folder on sys.path, as MONAI Label puts it), and the Zoo's properties hold."""
+    bundle = unpack(archives[name], tmp_path)
+    dataset_dir = data["images"] if name == "anatomask_pretrain" else data["datalist"]
+    monkeypatch.syspath_prepend(str(bundle))
+    with pytest.raises(ImportError):
+        importlib.import_module(PACKAGE)
+    for config, kind in WORKFLOWS:
+        flow = ConfigWorkflow(
+            config_file=str(bundle / "configs" / config),
+            meta_file=str(bundle / "configs" / "metadata.json"),
+            logging_file=str(bundle / "configs" / "logging.conf"),
+            workflow_type=kind,
+            bundle_root=str(bundle),
+            dataset_dir=str(dataset_dir),
+        )
+        flow.initialize()
+        assert flow.check_properties() == []
+        # MONAI's optional_import would hide a failed "$import": import each line's module directly
+        for line in flow.parser["imports"]:
+            (node,) = ast.parse(line.removeprefix("$")).body
+            importlib.import_module(node.names[0].name if isinstance(node, ast.Import) else node.module)
+        network = flow.parser.get_parsed_content("network_def")
+        assert type(network).__module__.startswith(f"scripts.{PACKAGE}.networks")
+    for path in (bundle / "scripts").rglob("*.py"):
+        module = ".".join(path.relative_to(bundle).with_suffix("").parts).removesuffix(".__init__")
+        assert importlib.import_module(module).__file__ == str(path)
+
+
+@pytest.mark.slow
+def test_inference_without_package(tmp_path):
+    """The FLARE22 archive with tiny weights segments a scan under ``python -m monai.bundle run`` started in
+    the unpacked folder, where the package cannot be imported."""
+    torch.manual_seed(0)
+    torch.save(STUNet(1, 14, **TINY).state_dict(), tmp_path / "model.pt")
+    archive = export_bundle(
+        "anatomask_finetune_flare22", tmp_path / "flare22.zip", weights=tmp_path / "model.pt"
+    )
+    bundle = unpack(archive, tmp_path / "unpacked")
+    assert (bundle / "models" / "model.pt").read_bytes() == (tmp_path / "model.pt").read_bytes()
+    affine = make_affine((1.5, 1.5, 2.0), rotation_deg=(0, 0, 10))
+    image, _, _ = make_phantom((40, 36, 20), num_classes=14, seed=3, affine=affine)
+    write_volume(tmp_path / "scans" / "case.nii.gz", image, affine)
+    command = [
+        sys.executable, "-c", WITHOUT_PACKAGE, "run",
+        "--config_file", "['configs/inference.json','configs/small_override.json']",
+        "--dataset_dir", str(tmp_path / "scans"),
+        "--output_dir", str(tmp_path / "predictions"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=bundle, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"scripts.{PACKAGE}.handlers" in done.stdout + done.stderr  # the code ran from scripts/
+    written = nib.load(tmp_path / "predictions" / "case_seg.nii.gz")
+    assert written.shape == (40, 36, 20)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asarray(written.dataobj))) <= set(range(14))
+
+
+def test_weights_must_be_a_flat_state_dict(tmp_path):
+    weights = tmp_path / "checkpoint.pt"
+    torch.save({"model": STUNet(1, 14, **TINY).state_dict(), "epoch": 3}, weights)
+    with pytest.raises(ValueError, match="flat state dict"):
+        export_bundle("anatomask_finetune_flare22", tmp_path / "out.zip", weights=weights)
+    assert not (tmp_path / "out.zip").exists()
+
+
+def test_command_line(tmp_path, monkeypatch, capsys):
+    """The archive depends on its content only; an unknown bundle is a one-line error."""
+    monkeypatch.chdir(tmp_path)
+    for attempt in ("a", "b"):
+        monkeypatch.setattr(
+            sys, "argv", ["anatomask", "export-bundle", "anatomask_pretrain", "--out", f"{attempt}.zip"]
+        )
+        cli.main()
+    out, _ = capsys.readouterr()
+    assert out.startswith("[export-bundle] anatomask_pretrain -> a.zip (")
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["anatomask", "export-bundle", "nope", "--out", "c.zip"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith("anatomask export-bundle: error: unknown bundle 'nope'")
