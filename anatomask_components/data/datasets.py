@@ -50,9 +50,12 @@ def cache_safe_globals() -> list[Any]:
     from monai.data import MetaObj, MetaTensor
     from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x, e.g. next to MONAI Label (numpy<2), whose _core shim may be partial
+        from numpy.core.multiarray import _reconstruct
     allowed: list[Any] = [MetaTensor, MetaObj, MetaKeys, SpaceKeys, TraceKeys]
-    allowed += [multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [_reconstruct, np.ndarray, np.dtype]
     # NumPy >= 1.25 pickles dtypes through their classes; older versions need only np.dtype.
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
