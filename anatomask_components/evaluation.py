@@ -172,7 +172,7 @@ def datalist_section(
     """
     source = Path(source)
     if source.is_file():
-        content = json.loads(source.read_text())
+        content = json.loads(source.read_text(encoding="utf-8"))
         items = load_decathlon_datalist(source, data_list_key=section) if content.get(section) else []
     else:
         items = build_datalist(str(source)).get(section, [])
@@ -458,7 +458,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", newline="") as f:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as f:
             f.write(text)
         os.replace(temporary, path)
     except BaseException:
@@ -557,7 +557,7 @@ def report(path: str) -> None:
     if source.suffix.lower() == ".csv":
         summary = summarize(read_metrics_csv(source))
     else:
-        summary = json.loads(source.read_text())
+        summary = json.loads(source.read_text(encoding="utf-8"))
         if "classes" not in summary or "per_case_mean" not in summary:
             raise ValueError(f"{source}: not a summary written by an anatomask evaluation")
     print(format_report(summary))

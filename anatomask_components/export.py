@@ -107,7 +107,7 @@ def exported_package() -> dict[str, str]:
         relative = path.relative_to(package_dir)
         if relative.parts[0] in EXCLUDED:
             continue
-        source = rewrite_imports(path.read_text())
+        source = rewrite_imports(path.read_text(encoding="utf-8"))
         if match := left_out.search(source):
             raise RuntimeError(
                 f"{PACKAGE}/{relative.as_posix()} imports {match.group(0)}, which is not exported"

@@ -74,7 +74,7 @@ def unpack(archive: Path, dest: Path) -> Path:
 def package_sources() -> dict[str, str]:
     """The package's modules a bundle needs: all but the command line, the exporter and the demo."""
     return {
-        p.relative_to(PACKAGE_DIR).as_posix(): p.read_text()
+        p.relative_to(PACKAGE_DIR).as_posix(): p.read_text(encoding="utf-8")
         for p in PACKAGE_DIR.rglob("*.py")
         if p.relative_to(PACKAGE_DIR).parts[0] not in ("cli.py", "export.py", "demo")
     }
@@ -97,7 +97,7 @@ def test_scripts_are_the_package(name, archives, tmp_path):
     """scripts/anatomask_components is the package's source, only the imports rewritten (no hand edits)."""
     bundle = unpack(archives[name], tmp_path)
     exported = {
-        p.relative_to(bundle / "scripts" / PACKAGE).as_posix(): p.read_text()
+        p.relative_to(bundle / "scripts" / PACKAGE).as_posix(): p.read_text(encoding="utf-8")
         for p in (bundle / "scripts" / PACKAGE).rglob("*")
         if p.is_file()
     }
@@ -125,8 +125,8 @@ def test_bundle_files(name, archives, tmp_path):
     configs = sorted(p.name for p in (source / "configs").iterdir())
     assert sorted(p.name for p in (bundle / "configs").iterdir()) == configs
     for config in configs:
-        original = (source / "configs" / config).read_text()
-        text = (bundle / "configs" / config).read_text()
+        original = (source / "configs" / config).read_text(encoding="utf-8")
+        text = (bundle / "configs" / config).read_text(encoding="utf-8")
         if config == "metadata.json":
             check_metadata(json.loads(text), json.loads(original))
         elif config.endswith(".json"):

@@ -48,7 +48,7 @@ def load_datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
         return dict(datalist), "datalist"
     path = Path(datalist)
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON datalist ({error})") from error
     if not isinstance(content, dict):

@@ -255,7 +255,7 @@ class CachedScanDataset(Dataset):
             return self.transform(item, end=self.first_random, threading=True)
         marker = path.with_suffix(".invalid")
         if marker.exists():
-            raise InvalidScanError(marker.read_text())
+            raise InvalidScanError(marker.read_text(encoding="utf-8"))
         if path.exists():
             try:
                 # Anyone who can write to the cache folder could plant a pickle that runs code: only the

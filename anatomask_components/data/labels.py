@@ -127,7 +127,7 @@ def load_label_mapping(mapping: str | os.PathLike | Mapping[Any, Any]) -> dict[i
     elif str(mapping) in LABEL_MAPPINGS:
         raw = LABEL_MAPPINGS[str(mapping)]
     elif Path(mapping).is_file():
-        raw = json.loads(Path(mapping).read_text())
+        raw = json.loads(Path(mapping).read_text(encoding="utf-8"))
     else:
         raise ValueError(
             f"unknown label mapping {mapping!r}: not one of {sorted(LABEL_MAPPINGS)} nor a JSON file"

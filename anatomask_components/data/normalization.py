@@ -77,7 +77,11 @@ def load_fingerprint(fingerprint: str | os.PathLike | Mapping[str, Any]) -> dict
     Returns:
         ``{modality: {"mean", "std", "percentile_00_5", "percentile_99_5"}}``.
     """
-    raw = fingerprint if isinstance(fingerprint, Mapping) else json.loads(Path(fingerprint).read_text())
+    raw = (
+        fingerprint
+        if isinstance(fingerprint, Mapping)
+        else json.loads(Path(fingerprint).read_text(encoding="utf-8"))
+    )
     if "intensity" in raw:
         per_modality = raw["intensity"]
     elif "foreground_intensity_properties_per_channel" in raw:

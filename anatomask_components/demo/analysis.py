@@ -246,7 +246,7 @@ def analyse_pretraining(
     settings = asdict(settings) if is_dataclass(settings) else dict(settings)
     output = Path(output)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lists = json.loads(Path(datalist).read_text())
+    lists = json.loads(Path(datalist).read_text(encoding="utf-8"))
     items = {"A": lists["training"][0], "C": lists["test"][0]}
     scorers = {
         "untrained": untrained_network(settings),

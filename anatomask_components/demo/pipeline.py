@@ -230,7 +230,7 @@ def prepare_bundle(bundle: str | os.PathLike, folder: str | os.PathLike, overrid
     _write_json(folder / "configs" / "demo_override.json", dict(override))
     inference = folder / "configs" / "inference.json"
     if inference.is_file():
-        config = json.loads(inference.read_text())
+        config = json.loads(inference.read_text(encoding="utf-8"))
         config.update({k: v for k, v in override.items() if k in config})
         _write_json(inference, config)
     return folder
@@ -277,9 +277,16 @@ def run_bundle(
     log_path = folder / log_name
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
-            command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            command,
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=env,
         )
         assert process.stdout is not None
         for line in process.stdout:
@@ -290,7 +297,7 @@ def run_bundle(
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
         raise DemoError(f"{name} failed (exit code {code}); full log: {log_path}\n{tail}")
     return StageResult(
         name, str(folder), ["python", *command[1:]], str(log_path), wall, usage.ru_maxrss / 1024.0
@@ -305,7 +312,7 @@ def _clock(seconds: float) -> str:
 def _write_demo_datalist(data: Path) -> Path:
     """The pretraining datalist of the demo: the three example CT (unlabelled) for training, and case A as
     the scan that the pretraining bundle's inference config reconstructs."""
-    pretrain = json.loads((data / "datalists" / "pretrain.json").read_text())
+    pretrain = json.loads((data / "datalists" / "pretrain.json").read_text(encoding="utf-8"))
     case_a = next(item for item in pretrain["training"] if "A_ct" in item["image"])
     return _write_json(
         data / "datalists" / "demo_pretrain.json",
@@ -340,7 +347,7 @@ def run_demo(
     if report_only:
         if not results_path.is_file():
             raise DemoError(f"{results_path} does not exist: run the demo first")
-        return write_report(output, json.loads(results_path.read_text()))
+        return write_report(output, json.loads(results_path.read_text(encoding="utf-8")))
 
     from anatomask_components.data.examples import fetch_examples
 
@@ -449,7 +456,7 @@ def run_demo(
         announce(step, name, "inference.json on case C (label map in the DICOM series' geometry)")
         folder = output / f"finetune_{init}"
         result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log")
-        report = json.loads((folder / "predictions" / "inference_report.json").read_text())
+        report = json.loads((folder / "predictions" / "inference_report.json").read_text(encoding="utf-8"))
         result.outputs = {
             "label_maps": [str(folder / case["label_map"]) for case in report["written"]],
             "cases": report["written"],

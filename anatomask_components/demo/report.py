@@ -215,7 +215,9 @@ def organs_of_test_case(data_dir: str | Path) -> list[int]:
 def dsc_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows ``{"label", "name", <init>: {"dsc", "nsd"}}`` for the organs of case C, then the mean row."""
     summaries = {
-        init: json.loads(Path(_stage(results, f"evaluate_{init}")["outputs"]["summary"]).read_text())
+        init: json.loads(
+            Path(_stage(results, f"evaluate_{init}")["outputs"]["summary"]).read_text(encoding="utf-8")
+        )
         for init in INIT_LABELS
     }
     present = organs_of_test_case(results["data"])
@@ -435,7 +437,7 @@ def _tables(
     transfer_rows = []
     for init in INIT_LABELS:
         path = Path(_stage(results, f"finetune_{init}")["outputs"]["weight_transfer"])
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
         if report["source"] is None:
             transfer_rows.append(
                 [INIT_LABELS[init], "none (random initialisation)", "0", str(report["num_network_tensors"])]
@@ -615,7 +617,9 @@ def write_report(output: str | Path, results: dict[str, Any]) -> Path:
         figure = {k: data[k] for k in data.files}
     rows = dsc_table(results)
     names = {r["label"]: r["name"] for r in rows if r["label"] is not None}
-    summary = json.loads(Path(_stage(results, "evaluate_scratch")["outputs"]["summary"]).read_text())
+    summary = json.loads(
+        Path(_stage(results, "evaluate_scratch")["outputs"]["summary"]).read_text(encoding="utf-8")
+    )
     all_names = {entry["label"]: name for name, entry in summary["classes"].items()}
     paths = {
         "loss_curves": plot_loss_curves(results, figures_dir / "loss_curves.png"),
@@ -699,8 +703,8 @@ def write_report(output: str | Path, results: dict[str, Any]) -> Path:
         ),
         ("Findings of this run", [("p", text) for text in _findings(results, rows)]),
     ]
-    (output / "report.html").write_text(_render_html(sections, paths, output))
-    (output / "report.md").write_text(_render_markdown(sections, paths, output))
+    (output / "report.html").write_text(_render_html(sections, paths, output), encoding="utf-8")
+    (output / "report.md").write_text(_render_markdown(sections, paths, output), encoding="utf-8")
     return output / "report.html"
 
 
