@@ -126,6 +126,22 @@ class _Anchors(HTMLParser):
             self._href = None
 
 
+def index_reachable(timeout: float = 5.0) -> bool:
+    """Whether the package index (:func:`index_url`) answers a TCP connection (a local ``file://`` index
+    always counts); lets callers tell "offline" from other download failures."""
+    import socket
+
+    parsed = urllib.parse.urlparse(index_url())
+    if parsed.scheme == "file":
+        return True
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def find_archive_url(page: bytes, content_type: str, page_url: str) -> tuple[str, str | None]:
     """The download URL of :data:`ARCHIVE_NAME` in a project page of a simple index, and its sha256 there.
 

@@ -394,7 +394,7 @@ def run_demo(
         folder = prepare_bundle(
             BUNDLES_DIR / PRETRAIN_BUNDLE,
             output / name,
-            pretrain_override(settings, masking, pretrain_datalist),
+            pretrain_override(settings, masking, pretrain_datalist, output / "cache" / "pretrain"),
         )
         result = run_bundle(
             folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"

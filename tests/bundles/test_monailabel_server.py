@@ -58,18 +58,6 @@ OVERRIDE = "small_override.json"
 FAST = {"spacing": [4.0, 4.0, 4.0], "sw_overlap": 0.25}
 
 
-def _index_reachable() -> bool:
-    parsed = urllib.parse.urlparse(examples.index_url())
-    if parsed.scheme == "file":
-        return True
-    try:
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        socket.create_connection((parsed.hostname, port), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
 def _env_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(ENV_SCRIPT), *args],
@@ -85,7 +73,7 @@ def monailabel_python() -> Path:
     """The MONAI Label environment's interpreter (built on first use, then cached)."""
     cached = _env_script("--check")
     if cached.returncode != 0:
-        if not _index_reachable():
+        if not examples.index_reachable():
             pytest.skip(
                 f"pip cannot reach the package index ({examples.index_url()}) and no MONAI Label "
                 f"environment is cached ({cached.stderr.strip()}); build it with {ENV_SCRIPT}"
@@ -101,7 +89,7 @@ def monailabel_python() -> Path:
 @pytest.fixture(scope="module")
 def ct(tmp_path_factory) -> dict[str, Path]:
     """Example case A: CT and its FLARE22 label."""
-    if not (examples.default_cache_dir() / examples.ARCHIVE_NAME).exists() and not _index_reachable():
+    if not (examples.default_cache_dir() / examples.ARCHIVE_NAME).exists() and not examples.index_reachable():
         pytest.skip("package index unreachable and no cached TotalSegmentator archive")
     dest = tmp_path_factory.mktemp("examples")
     examples.fetch_examples(str(dest))

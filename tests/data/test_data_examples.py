@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import shutil
-import socket
 import tarfile
 import urllib.error
 import urllib.parse
@@ -29,18 +28,6 @@ from anatomask_components.data.validation import canonical_grid
 
 _TOP = f"{examples.PACKAGE}-{examples.VERSION}"
 _REFERENCE = f"{_TOP}/tests/reference_files"
-
-
-def _index_reachable() -> bool:
-    parsed = urllib.parse.urlparse(examples.index_url())
-    if parsed.scheme == "file":
-        return True
-    try:
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        socket.create_connection((parsed.hostname, port), timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 def _nifti_bytes(values: np.ndarray) -> bytes:
@@ -258,7 +245,7 @@ def test_credentials_in_the_index_url_become_a_header():
 @pytest.fixture(scope="module")
 def fetched(tmp_path_factory):
     cached = examples.default_cache_dir() / examples.ARCHIVE_NAME
-    if not cached.exists() and not _index_reachable():
+    if not cached.exists() and not examples.index_reachable():
         pytest.skip("package index unreachable and no cached TotalSegmentator archive")
     dest = tmp_path_factory.mktemp("examples")
     manifest = examples.fetch_examples(str(dest))
@@ -338,7 +325,7 @@ def test_second_fetch_works_offline(fetched, tmp_path, monkeypatch):
 
 @pytest.mark.network
 def test_the_package_index_lists_the_pinned_archive():
-    if not _index_reachable():
+    if not examples.index_reachable():
         pytest.skip("package index unreachable")
     page_url = examples.index_url().rstrip("/") + f"/{examples.PACKAGE}/"
     page_url, authorization = examples._split_credentials(page_url)
