@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from anatomask_components.demo.pipeline import DemoSettings, _clock
+
 __all__ = ["FIGURES", "organs_of_test_case", "write_report"]
 
 FIGURES = {
@@ -35,6 +37,11 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _settings(results: dict[str, Any]) -> DemoSettings:
+    """The run's settings, with their derived counts (iterations)."""
+    return DemoSettings(**results["settings"])
 
 
 def _axial(plane: np.ndarray) -> np.ndarray:
@@ -343,11 +350,6 @@ def _pct(value: float | None) -> str:
     )
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def best_validation_dice(results: dict[str, Any], init: str) -> float | None:
     """The best validation mean DSC on case A of a fine-tuning run (BestModelSaver's state in its newest
     checkpoint), or None if the run wrote no checkpoint."""
@@ -377,8 +379,8 @@ def _tables(
     settings = results["settings"]
     env = results["environment"]
     iterations = {
-        "pretrain": settings["pretrain_epochs"] * 3,
-        "finetune": settings["finetune_epochs"] * settings["iterations_per_epoch"],
+        "pretrain": _settings(results).pretrain_iterations,
+        "finetune": _settings(results).finetune_iterations,
     }
     settings_rows = [
         ["seed", str(results["seed"]), "every run"],
@@ -547,17 +549,12 @@ def _findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
             "The fine-tuned models do not segment case C yet (mean DSC below 5 % for every initialisation). "
             "Their best validation mean DSC on case A, the case they were trained on, was "
             + ", ".join(f"{INIT_LABELS[i]} {_pct(v)} %" for i, v in validation.items())
-            + f": {settings_iterations(results)} fine-tuning iterations of this network do not fit even the "
+            + f": {_settings(results).finetune_iterations} fine-tuning iterations of this network do not fit even the "
             "training case, so the test case cannot show an effect of pretraining. A longer run (raise "
             "`finetune_epochs` in `anatomask_components/demo/pipeline.py`, or fine-tune the bundle itself "
             "with its defaults) is what would."
         )
     return lines
-
-
-def settings_iterations(results: dict[str, Any]) -> int:
-    """Fine-tuning iterations of the demo's runs."""
-    return results["settings"]["finetune_epochs"] * results["settings"]["iterations_per_epoch"]
 
 
 def _scale_note(results: dict[str, Any]) -> list[str]:
@@ -567,11 +564,11 @@ def _scale_note(results: dict[str, Any]) -> list[str]:
         "iterations at batch 4) on A100 GPUs, then fine-tunes for 1000 epochs on full challenge training sets "
         "(FLARE22: 50 labelled scans); it reports FLARE22 DSC of 93.8 % (SparK) and 94.0 % (AnatoMask) for "
         "STU-Net-B. Those are the paper's numbers, not ours.",
-        f"This demo pretrains a small STU-Net for {settings['pretrain_epochs'] * 3} iterations at batch 1 on 3 CT "
-        f"scans, {100 * settings['pretrain_epochs'] * 3 / PAPER_PRETRAIN_SAMPLES:.3f} % of the paper's "
+        f"This demo pretrains a small STU-Net for {_settings(results).pretrain_iterations} iterations at batch 1 on 3 CT "
+        f"scans, {100 * _settings(results).pretrain_iterations / PAPER_PRETRAIN_SAMPLES:.3f} % of the paper's "
         f"{PAPER_PRETRAIN_SAMPLES:,} pretraining samples (1000 epochs x 1204 scans), each a "
         f"{'x'.join(map(str, settings['roi_size']))} crop through a network of a few million parameters instead of "
-        f"112x112x128 through STU-Net-B; it fine-tunes for {settings['finetune_epochs'] * settings['iterations_per_epoch']} "
+        f"112x112x128 through STU-Net-B; it fine-tunes for {_settings(results).finetune_iterations} "
         "iterations on one scan whose labels are TotalSegmentator's predictions (not manual labels; FLARE22 has "
         "50 labelled scans) and tests on one 20-slice series, on the CPU in minutes. The table therefore shows "
         "that the pipeline works end to end on real CT and what each stage produces, not the effect the paper "
