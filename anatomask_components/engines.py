@@ -60,6 +60,15 @@ class AnatoMaskIteration:
         predictor_loss: loss of the loss predictor, ``"relative"`` (HPM default) or ``"absolute"``
             (:func:`~anatomask_components.losses.loss_prediction_loss`).
         predictor_weight: its weight in the total loss (1).
+        teacher_precision: precision of the teacher pass alone, ``None`` (default) = ``precision``; an
+            approximation of the fp32 teacher when lower (its agreement with the fp32 teacher's choice
+            is measured by ``benchmarks/teacher_precision.py``, docs/benchmarks.md).
+        channels_last: run student and teacher in the ``channels_last_3d`` memory format (same values;
+            faster convolutions on CPU). The network is converted in place at the first iteration.
+        compile: run the student's forward through ``torch.compile`` (off by default: compiling STU-Net-B
+            takes minutes and pays off only on long runs).
+        cudnn_benchmark: let cuDNN pick the fastest convolution algorithms for the fixed crop size
+            (CUDA only; the chosen algorithms may differ from run to run).
 
     Returns (per call): a dict with ``loss`` and the scalars that are logged (``hard_ratio``,
     ``num_hard``, ``ema_momentum``, ``lr``; with a loss predictor also ``reconstruction_loss`` and
@@ -80,6 +89,10 @@ class AnatoMaskIteration:
         image_key: str = "image",
         predictor_loss: LossPredictionKind = "relative",
         predictor_weight: float = 1.0,
+        teacher_precision: Precision | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+        cudnn_benchmark: bool = True,
     ) -> None:
         if masking not in ("anatomask", "random", "hpm"):
             raise ValueError(f"masking must be 'anatomask', 'hpm' or 'random', got {masking!r}.")
@@ -91,8 +104,9 @@ class AnatoMaskIteration:
             raise ValueError(f"predictor_loss must be 'relative' or 'absolute', got {predictor_loss!r}.")
         if teacher_target not in ("raw", "normalized"):
             raise ValueError(f"teacher_target must be 'raw' or 'normalized', got {teacher_target!r}.")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
+        for name, value in (("precision", precision), ("teacher_precision", teacher_precision or precision)):
+            if value not in ("fp32", "bf16", "fp16"):
+                raise ValueError(f"{name} must be 'fp32', 'bf16' or 'fp16', got {value!r}.")
         self.masking = masking
         self.mask_ratio = mask_ratio
         self.teacher = teacher
@@ -105,13 +119,41 @@ class AnatoMaskIteration:
         self.image_key = image_key
         self.predictor_loss = predictor_loss
         self.predictor_weight = float(predictor_weight)
+        self.teacher_precision = teacher_precision or precision
+        self.channels_last = bool(channels_last)
+        self.compile = bool(compile)
+        self.cudnn_benchmark = bool(cudnn_benchmark)
         self.scaler: torch.amp.GradScaler | None = None
+        self._prepared: set[int] = set()
+        self._compiled: dict[int, torch.nn.Module] = {}
 
-    def _autocast(self, device: torch.device):
-        if self.precision == "fp32":
+    @staticmethod
+    def _autocast(device: torch.device, precision: Precision):
+        if precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device.type, dtype=dtype)
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
+    def _prepare(self, network: torch.nn.Module, device: torch.device) -> None:
+        """Once per network: memory format of student and teacher, cuDNN autotuning."""
+        if id(network) in self._prepared:
+            return
+        network.to(memory_format=self._memory_format())
+        if self.teacher is not None:
+            self.teacher.teacher.to(memory_format=self._memory_format())
+        if device.type == "cuda" and self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        self._prepared.add(id(network))
+
+    def _forward_fn(self, network: torch.nn.Module) -> torch.nn.Module:
+        if not self.compile:
+            return network
+        if id(network) not in self._compiled:
+            self._compiled[id(network)] = torch.compile(network)
+        return self._compiled[id(network)]
 
     def hard_ratio(self, engine: Engine) -> float:
         """``r_t`` of the current iteration (0 for random masking)."""
@@ -143,30 +185,37 @@ class AnatoMaskIteration:
             ``(B, L)`` bool, True = masked.
         """
         device = x.device
-        with torch.no_grad(), self._autocast(device):
+        # inference mode: no autograd bookkeeping at all for the teacher's pass
+        with torch.inference_mode():
             if self.masking == "hpm":
-                scores = self.teacher.teacher.predict_patch_losses(x).float()
-                candidates = None
+                with self._autocast(device, self.teacher_precision):
+                    scores = self.teacher.teacher.predict_patch_losses(x)
+                scores, candidates = scores.float(), None
             else:
-                reconstruction = self.teacher.teacher(x, mask)
+                with self._autocast(device, self.teacher_precision):
+                    reconstruction = self.teacher.teacher(x, mask)
+                normalized = self.teacher_target == "normalized"
                 scores = patch_scores(
-                    reconstruction, x, model.patch_size, normalized_target=self.teacher_target == "normalized"
-                ).masked_fill(~mask, 0.0)
-                candidates = mask
-        return reconstruction_guided_mask(
-            scores,
-            self.mask_ratio,
-            hard_ratio,
-            candidates=candidates,
-            lowest=self.lowest,
-            generator=generator,
-        )
+                    reconstruction.float(), x, model.patch_size, normalized_target=normalized
+                )
+                scores, candidates = scores.masked_fill(~mask, 0.0), mask
+            guided = reconstruction_guided_mask(
+                scores,
+                self.mask_ratio,
+                hard_ratio,
+                candidates=candidates,
+                lowest=self.lowest,
+                generator=generator,
+            )
+        return guided.clone()  # an ordinary tensor again, usable by autograd code
 
     def __call__(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
         student = engine.network
         device = engine.state.device or torch.device("cpu")
         x = batchdata[self.image_key]
         x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device=device, dtype=torch.float32)
+        self._prepare(student, device)
+        x = x.contiguous(memory_format=self._memory_format())
         model = unwrap_model(student)
         with_predictor = getattr(model, "loss_predictor", None) is not None
         if self.masking == "hpm" and not with_predictor:
@@ -186,11 +235,12 @@ class AnatoMaskIteration:
 
         student.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        with self._autocast(device):
+        forward = self._forward_fn(student)
+        with self._autocast(device, self.precision):
             if with_predictor:
-                reconstruction, predicted = student(x, mask, return_loss_prediction=True)
+                reconstruction, predicted = forward(x, mask, return_loss_prediction=True)
             else:
-                reconstruction = student(x, mask)
+                reconstruction = forward(x, mask)
         per_patch = patch_scores(reconstruction, x, model.patch_size, normalized_target=True)
         reconstruction_loss = masked_mean(per_patch, mask)
         loss = reconstruction_loss

@@ -1,111 +1,156 @@
-"""Time one pretraining step (forward + backward) per sparse backend and per masking mode.
+"""Seconds and peak memory of one pretraining step: SparK (random mask) against AnatoMask, interleaved.
 
-Prints medians and writes JSON. Example:
-    python benchmarks/pretrain_step.py --size B --repeats 3 --out benchmarks/results/pretrain_step_cpu.json
+A step is exactly what the pretraining bundle runs per iteration (:class:`AnatoMaskIteration` with its
+defaults): random mask, for AnatoMask the teacher pass and the guided mask (r_t = 0.5, the final and
+most expensive state), student forward and backward, gradient clipping, fused AdamW, and for AnatoMask
+the EMA update. Each configuration runs in its own process (peak memory of its own); the steps are
+interleaved round by round. Prints a table and writes JSON with ``teacher_overhead_ratio`` (AnatoMask /
+SparK median) per backend. Example (CPU, about 25 minutes for STU-Net-B):
+
+    python benchmarks/pretrain_step.py --size B --backends dense spconv --repeats 2 \
+        --out benchmarks/results/pretrain_step_B_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from common import Worker, interleave, summarise, write_report
 
-from anatomask_components.losses import masked_patch_mse, patch_scores
-from anatomask_components.masking import random_patch_mask, reconstruction_guided_mask
+from anatomask_components.engines import AnatoMaskIteration
+from anatomask_components.masking import HardRatioSchedule
 from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.optim import parameter_groups
 from anatomask_components.teacher import EMATeacher
 
 TINY = {"depths": [1, 1, 1, 1, 1], "dims": [8, 16, 32, 64, 64]}
+MODES = {"spark": "random", "anatomask": "anatomask"}
 
 
-def _step(model, teacher, x, mode: str, mask_ratio: float, hard_ratio: float, generator) -> None:
-    length = model.num_patches(x.shape[2:])
-    mask = random_patch_mask(x.shape[0], length, mask_ratio, generator=generator)
-    if mode == "anatomask":
-        with torch.no_grad():
-            scores = patch_scores(teacher.teacher(x, mask), x, model.patch_size).masked_fill(~mask, 0.0)
-        mask = reconstruction_guided_mask(
-            scores, mask_ratio, hard_ratio, candidates=mask, generator=generator
-        )
-    model.zero_grad(set_to_none=True)
-    masked_patch_mse(model(x, mask), x, mask, model.patch_size).backward()
-    teacher.update(0.999)
+def network_kwargs(size: str) -> dict:
+    """Keyword arguments of :class:`AnatoMaskPretrainModel` for a preset name or ``tiny``."""
+    return dict(TINY) if size == "tiny" else {"size": size}
 
 
-def _median_seconds(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def build_step(
+    size: str,
+    roi: list[int],
+    batch: int,
+    backend: str,
+    method: str,
+    channels_last: bool = True,
+    precision: str = "fp32",
+    teacher_precision: str | None = None,
+    compile: bool = False,
+    seed: int = 0,
+):
+    """Build one configuration; returns its ``step()`` (runs in the benchmark's child process)."""
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network = AnatoMaskPretrainModel(backend=backend, **network_kwargs(size)).to(device)
+    teacher = EMATeacher(network) if method == "anatomask" else None
+    iteration = AnatoMaskIteration(
+        masking=MODES[method],
+        mask_ratio=0.6,
+        teacher=teacher,
+        schedule=HardRatioSchedule(total_epochs=1, start=0.5, end=0.5) if teacher else None,
+        precision=precision,
+        teacher_precision=teacher_precision,
+        channels_last=channels_last,
+        compile=compile,
+        seed=seed,
+    )
+    optimizer = torch.optim.AdamW(
+        parameter_groups(network, 1e-5, decay_all=True), lr=1e-4, betas=(0.9, 0.999), fused=True
+    )
+    state = SimpleNamespace(device=device, iteration=0, epoch=1, epoch_length=1000, max_epochs=1000)
+    engine = SimpleNamespace(network=network, optimizer=optimizer, state=state)
+    batchdata = {"image": torch.randn(batch, 1, *roi, generator=torch.Generator().manual_seed(seed))}
+
+    def step() -> None:
+        state.iteration += 1
+        iteration(engine, batchdata)
+        if teacher is not None:
+            teacher(engine)
+
+    return step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="B", help="STU-Net preset, or 'tiny' (widths 8-64)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny' (widths 8-64)")
     parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--backends", nargs="+", default=["dense", "spconv"])
-    parser.add_argument("--modes", nargs="+", default=["random", "anatomask"])
+    parser.add_argument("--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv"])
+    parser.add_argument("--methods", nargs="+", default=["spark", "anatomask"], choices=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--teacher-precision", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--contiguous", action="store_true", help="default memory format, not channels-last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
     parser.add_argument("--out", default="benchmarks/results/pretrain_step.json")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net_kwargs = TINY if args.size == "tiny" else {"size": args.size}
-    x = torch.randn(args.batch, 1, *args.roi, device=device)
-    results = []
-    for backend in args.backends:
-        for mode in args.modes:
-            torch.manual_seed(0)
-            model = AnatoMaskPretrainModel(backend=backend, **net_kwargs).to(device)
-            teacher = EMATeacher(model)
-            generator = torch.Generator(device=device).manual_seed(0)
-            times = _median_seconds(
-                lambda model=model, teacher=teacher, mode=mode, generator=generator: _step(
-                    model, teacher, x, mode, 0.6, 0.5, generator
-                ),
-                args.repeats,
-                args.warmup,
-            )
-            row = {"backend": backend, "mode": mode, "median_s": statistics.median(times), "times_s": times}
-            results.append(row)
-            print(
-                f"{args.size:>5} {backend:>7} {mode:>10}: median {row['median_s']:.2f} s/step",
-                flush=True,
-            )
-    by_key = {(r["backend"], r["mode"]): r["median_s"] for r in results}
+    workers = []
+    try:
+        for backend in args.backends:
+            for method in args.methods:
+                workers.append(
+                    Worker(
+                        f"{method}/{backend}",
+                        build_step,
+                        size=args.size,
+                        roi=args.roi,
+                        batch=args.batch,
+                        backend=backend,
+                        method=method,
+                        channels_last=not args.contiguous,
+                        precision=args.precision,
+                        teacher_precision=args.teacher_precision,
+                        compile=args.compile,
+                    )
+                )
+        print(f"STU-Net-{args.size}, crop {args.roi}, batch {args.batch}: {len(workers)} configurations")
+        times = interleave(workers, args.warmup, args.repeats)
+        results = {
+            w.name: {**summarise(times[w.name]), "peak_memory_bytes": w.peak_memory()} for w in workers
+        }
+    finally:
+        for w in workers:
+            w.close()
+
     ratios = {
-        b: by_key[(b, "anatomask")] / by_key[(b, "random")]
+        b: results[f"anatomask/{b}"]["median_s"] / results[f"spark/{b}"]["median_s"]
         for b in args.backends
-        if (b, "anatomask") in by_key and (b, "random") in by_key
+        if f"anatomask/{b}" in results and f"spark/{b}" in results
     }
+    print(f"\n{'configuration':<22}{'median s':>10}{'peak GB':>10}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['median_s']:>10.2f}{r['peak_memory_bytes'] / 1e9:>10.2f}")
     for b, r in ratios.items():
-        print(f"AnatoMask / SparK step time ({b}): {r:.2f}")
-    report = {
-        "size": args.size,
-        "roi": args.roi,
-        "batch": args.batch,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "results": results,
-        "anatomask_over_spark": ratios,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+        print(f"teacher_overhead_ratio (AnatoMask / SparK, {b}): {r:.3f}")
+    write_report(
+        args.out,
+        {
+            "benchmark": "pretrain_step",
+            "size": args.size,
+            "roi": args.roi,
+            "batch": args.batch,
+            "precision": args.precision,
+            "teacher_precision": args.teacher_precision or args.precision,
+            "channels_last": not args.contiguous,
+            "compile": args.compile,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "results": results,
+            "teacher_overhead_ratio": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

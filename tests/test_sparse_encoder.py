@@ -272,7 +272,9 @@ def test_backends_agree_on_gradients(pooling):
             w = grads["dense"][k.replace(".bias", ".weight")].abs().max()
             assert g_d.abs().max() < 1e-5 * w and g_s.abs().max() < 1e-5 * w, k
         else:
-            assert (g_d - g_s).abs().max() < 1e-4 * g_d.abs().max(), k
+            # relative L2 error: a feature within rounding of LeakyReLU's kink may take the other slope
+            # in one backend, which moves the gradient of a few voxels, not of the whole tensor
+            assert (g_d - g_s).norm() < 1e-3 * g_d.norm(), k
             assert g_d.abs().max() > 1e-3, k
 
 

@@ -14,7 +14,6 @@ from anatomask_components.networks.sparse import (
     NormPooling,
     SparseSTUNetEncoder,
     masked_instance_norm,
-    upsample_patch_mask,
 )
 from anatomask_components.networks.stunet import STUNet
 from anatomask_components.patches import mask_to_visible_grid, patch_grid, patchify
@@ -167,14 +166,14 @@ class AnatoMaskPretrainModel(nn.Module):
         """
         grid = patch_grid(x.shape[2:], self.patch_size)
         visible = mask_to_visible_grid(mask, grid)
-        features = self.sparse_encoder(x, visible)
+        masks = self.sparse_encoder.visible_masks(visible)
+        features = self.sparse_encoder(x, visible, masks)
         cumulative = self.sparse_encoder.cumulative_strides
         to_dec = []
         for stage, norm, token, proj in zip(
             self.level_stages, self.densify_norms, self.mask_tokens, self.densify_projs
         ):
-            factor = [p // s for p, s in zip(self.patch_size, cumulative[stage])]
-            vis = upsample_patch_mask(visible, factor)
+            vis = masks[cumulative[stage]]
             feat = masked_instance_norm(features[stage], vis, norm, self.norm_pooling)
             to_dec.append(proj(torch.where(vis, feat, token.to(feat.dtype))))
         return to_dec

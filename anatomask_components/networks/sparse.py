@@ -46,10 +46,55 @@ def upsample_patch_mask(active: torch.Tensor, factor: Sequence[int]) -> torch.Te
     return active
 
 
+class _MaskedInstanceNorm(torch.autograd.Function):
+    """Masked instance norm with a hand-written backward that keeps one feature-sized tensor.
+
+    Forward: statistics over the visible voxels (centred two-pass variance, exact in fp32), normalisation
+    and affine folded into one per-channel scale and shift, one final mask. Backward: the standard
+    normalisation gradient ``scale * (g - mean(g) - x_hat * mean(g * x_hat))`` over the visible voxels,
+    recomputing ``x_hat`` from the saved masked input instead of keeping autograd's intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, m, weight, bias, eps: float, dims: tuple[int, ...]):
+        xm = x * m
+        count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
+        mean = xm.sum(dim=dims, keepdim=True) / count
+        centred = (x - mean).mul_(m)
+        var = centred.square_().sum(dim=dims, keepdim=True) / count
+        del centred
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd * weight.view(1, -1, 1, 1, 1)
+        shift = bias.view(1, -1, 1, 1, 1) - mean * scale
+        ctx.save_for_backward(xm, m, mean, rstd, weight, count)
+        ctx.dims = dims
+        return torch.addcmul(shift, xm, scale).mul_(m)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xm, m, mean, rstd, weight, count = ctx.saved_tensors
+        dims = ctx.dims
+        g = grad_out * m
+        x_hat = (xm - mean).mul_(rstd)
+        sum_g = g.sum(dim=dims, keepdim=True)
+        sum_g_xhat = (g * x_hat).sum(dim=dims, keepdim=True)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.sub_(sum_g / count).sub_(x_hat.mul_(sum_g_xhat / count))
+            grad_x.mul_(rstd * weight.view(1, -1, 1, 1, 1)).mul_(m)
+        channel_sums = (0, 2, 3, 4)
+        grad_w = sum_g_xhat.sum(dim=channel_sums).view(-1) if ctx.needs_input_grad[2] else None
+        grad_b = sum_g.sum(dim=channel_sums).view(-1) if ctx.needs_input_grad[3] else None
+        return grad_x, None, grad_w, grad_b, None, None
+
+
 def masked_instance_norm(
     x: torch.Tensor, mask: torch.Tensor, norm: nn.InstanceNorm3d, pooling: NormPooling = "batch"
 ) -> torch.Tensor:
     """Instance normalisation whose statistics come from the visible voxels only.
+
+    ``x`` may hold anything at masked positions (e.g. a convolution's output before masking): it is
+    masked here, and the result is zero there. Statistics are computed in at least fp32.
 
     Args:
         x: ``(B, C, H, W, D)`` features.
@@ -62,15 +107,14 @@ def masked_instance_norm(
         ``(B, C, H, W, D)`` normalised features, zero where ``mask`` is False.
     """
     dims = (0, 2, 3, 4) if pooling == "batch" else (2, 3, 4)
-    m = mask.to(x.dtype)
-    count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
-    mean = (x * m).sum(dim=dims, keepdim=True) / count
-    centred = (x - mean) * m
-    var = centred.square().sum(dim=dims, keepdim=True) / count
-    y = centred * torch.rsqrt(var + norm.eps)
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     if norm.affine:
-        y = y * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
-    return y * m
+        weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+    else:
+        weight = torch.ones(x.shape[1], dtype=dtype, device=x.device)
+        bias = torch.zeros_like(weight)
+    y = _MaskedInstanceNorm.apply(x.to(dtype), mask.to(dtype), weight, bias, norm.eps, dims)
+    return y.to(x.dtype)
 
 
 class STUNetEncoder(nn.Module):
@@ -123,8 +167,11 @@ class _MaskedDenseBackend:
     def conv(self, conv: nn.Conv3d, x: torch.Tensor, mask_in: torch.Tensor, mask_out: torch.Tensor):
         return conv(x) * mask_out.to(x.dtype)
 
-    def norm(self, norm: nn.InstanceNorm3d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_instance_norm(x, mask, norm, self.norm_pooling)
+    def conv_norm(
+        self, conv: nn.Conv3d, norm: nn.InstanceNorm3d, x: torch.Tensor, mask_in: torch.Tensor, mask_out
+    ) -> torch.Tensor:
+        # the masked norm reads only visible voxels and zeroes the rest: no separate mask after the conv
+        return masked_instance_norm(conv(x), mask_out, norm, self.norm_pooling)
 
 
 class _SpconvBackend:
@@ -204,6 +251,11 @@ class _SpconvBackend:
             out = out + conv.bias
         return out
 
+    def conv_norm(
+        self, conv: nn.Conv3d, norm: nn.InstanceNorm3d, feats: torch.Tensor, level_in, level_out
+    ) -> torch.Tensor:
+        return self.norm(norm, self.conv(conv, feats, level_in, level_out), level_out)
+
     def norm(self, norm: nn.InstanceNorm3d, feats: torch.Tensor, level: _SparseLevel) -> torch.Tensor:
         if self.norm_pooling == "batch":
             mean = feats.mean(dim=0, keepdim=True)
@@ -234,7 +286,8 @@ class SparseSTUNetEncoder(nn.Module):
             whole batch (reference); ``"sample"`` computes them per sample.
 
     Forward input: ``x`` ``(B, C, H, W, D)`` and ``visible`` ``(B, 1, h, w, d)`` bool patch mask,
-    where ``(H, W, D) = (h, w, d) * patch_size``.
+    where ``(H, W, D) = (h, w, d) * patch_size``; optionally ``masks``, the output of
+    :meth:`visible_masks` for this ``visible`` when the caller needs them too.
     Forward output: one dense ``(B, C_i, H_i, W_i, D_i)`` feature map per stage (finest first), exactly
     zero at masked positions.
     """
@@ -300,7 +353,27 @@ class SparseSTUNetEncoder(nn.Module):
     def widths(self) -> list[int]:
         return self.sp_cnn.widths
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+    def visible_masks(self, visible: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
+        """The patch mask repeated to every resolution of the encoder, built once per forward.
+
+        Args:
+            visible: ``(B, 1, h, w, d)`` bool patch mask.
+
+        Returns:
+            cumulative stride (``(1, 1, 1)`` = input resolution) -> ``(B, 1, H_i, W_i, D_i)`` bool mask.
+        """
+        patch, masks = self.patch_size, {}
+        for stride in [(1, 1, 1)] + self.cumulative_strides:
+            if stride not in masks:
+                masks[stride] = upsample_patch_mask(visible.bool(), [p // s for p, s in zip(patch, stride)])
+        return masks
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        visible: torch.Tensor,
+        masks: dict[tuple[int, int, int], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         patch = self.patch_size
         grid = tuple(s // p for s, p in zip(x.shape[2:], patch))
         if tuple(visible.shape[2:]) != grid or any(s % p for s, p in zip(x.shape[2:], patch)):
@@ -309,11 +382,9 @@ class SparseSTUNetEncoder(nn.Module):
                 f"mask of shape (B, 1, *{grid}), got {tuple(visible.shape)}."
             )
         backend = self._backend
-        levels = {}
-        for stride in [(1, 1, 1)] + self.cumulative_strides:
-            if stride not in levels:
-                factor = [p // s for p, s in zip(patch, stride)]
-                levels[stride] = backend.level(upsample_patch_mask(visible.bool(), factor))
+        if masks is None:
+            masks = self.visible_masks(visible)
+        levels = {stride: backend.level(m) for stride, m in masks.items()}
         level_in = levels[(1, 1, 1)]
         h = backend.from_dense(x, level_in)
         features = []
@@ -327,9 +398,8 @@ class SparseSTUNetEncoder(nn.Module):
 
     def _block(self, block: BasicResBlock, h, level_in, level_out):
         be = self._backend
-        y = be.conv(block.conv1, h, level_in, level_out)
-        y = F.leaky_relu(be.norm(block.norm1, y, level_out), LEAKY_SLOPE)
-        y = be.conv(block.conv2, y, level_out, level_out)
-        y = be.norm(block.norm2, y, level_out)
+        # in-place activations on fresh tensors: autograd keeps one copy instead of input and output
+        y = F.leaky_relu(be.conv_norm(block.conv1, block.norm1, h, level_in, level_out), LEAKY_SLOPE, True)
+        y = be.conv_norm(block.conv2, block.norm2, y, level_out, level_out)
         shortcut = be.conv(block.conv3, h, level_in, level_out) if block.conv3 is not None else h
-        return F.leaky_relu(y + shortcut, LEAKY_SLOPE)
+        return F.leaky_relu(y + shortcut, LEAKY_SLOPE, True)
