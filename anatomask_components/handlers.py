@@ -504,25 +504,33 @@ def sliding_window_count(inferer: Any, spatial_shape: Sequence[int]) -> int | No
 
 
 class _WindowProgress:
-    """Wraps the network given to the inferer: counts the windows it runs and logs every tenth of them.
+    """Wraps the network given to the inferer: counts the windows it runs, times them, logs every tenth.
 
     A light replacement for ``SlidingWindowInferer(progress=True)``, which needs tqdm (not a dependency) and
     draws a bar that log files do not show well. A retry of the inferer (e.g. ``SlidingWindowInfererAdapt``
-    after running out of memory) counts on; the logged numbers stop at 100 %.
+    after running out of memory) counts on; the logged numbers stop at 100 %. ``network_seconds`` is the
+    time spent inside the network (on a GPU, up to its asynchronous launches), what the rest of the
+    inference is compared with.
     """
 
-    def __init__(self, network: Callable[..., Any], total: int | None, label: str, start: float) -> None:
+    def __init__(
+        self, network: Callable[..., Any], total: int | None, label: str, start: float, log: bool = True
+    ) -> None:
         self.network = network
         self.total = total
         self.label = label
         self.start = start
+        self.log = log
         self.done = 0
+        self.network_seconds = 0.0
         self._next_tenth = 1
 
     def __call__(self, windows: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
         output = self.network(windows, *args, **kwargs)
+        self.network_seconds += time.perf_counter() - started
         self.done += int(windows.shape[0])
-        if self.total:
+        if self.total and self.log:
             tenth = min(10 * self.done // self.total, 10)
             if tenth >= self._next_tenth:
                 self._next_tenth = tenth + 1
@@ -545,7 +553,10 @@ class CaseInference:
     the input geometry, argmax) and written as ``<output_dir>/<case>_<postfix>.nii.gz`` with the input's
     shape and affine, one at a time. A case that fails anywhere (unreadable scan, out of memory, ...) is
     logged with its error and skipped; the others are written. When the run ends, ``inference_report.json``
-    lists the written and the failed cases with the seconds each took; if every case failed, the run raises.
+    lists the written and the failed cases with the seconds each took (for a written case also per stage:
+    ``preprocess``, ``inferer`` (sliding window: windows, blending), ``network`` (inside the network alone),
+    ``postprocess`` (inversion to the input grid, argmax) and ``write``); if every case failed, the run
+    raises.
 
     Progress: each case logs ``[i/N] <case>: started``, then (``progress``, sliding-window inferers) a line
     per tenth of its windows, ``[i/N] <case>: sliding window 40% (52/130 windows, 12.3 s)``, and ends with
@@ -617,25 +628,32 @@ class CaseInference:
         progress = f"[{engine.state.iteration}/{engine.state.epoch_length}] {case}"
         start = time.perf_counter()
         logger.info("%s: started", progress)
+        stages: dict[str, float] = {}
         try:
             data = self.preprocessing(dict(item))
             inputs = data[self.image_key].unsqueeze(0).to(engine.state.device)
-            network: Callable[..., Any] = engine.network
+            stages["preprocess"] = time.perf_counter() - start
+            windows = sliding_window_count(engine.inferer, inputs.shape[2:])
             if self.progress:
-                windows = sliding_window_count(engine.inferer, inputs.shape[2:])
                 logger.info(
                     "%s: preprocessed to %s in %.1f s%s",
                     progress,
                     "x".join(str(int(s)) for s in inputs.shape[1:]),
-                    time.perf_counter() - start,
+                    stages["preprocess"],
                     f", {windows} sliding windows" if windows else "",
                 )
-                network = _WindowProgress(engine.network, windows, progress, start)
+            network = _WindowProgress(engine.network, windows, progress, start, log=self.progress)
+            mark = time.perf_counter()
             with eval_mode(engine.network):
                 logits = engine.inferer(inputs, network)
             data[self.pred_key] = logits[0].detach().cpu()
+            stages["inferer"] = time.perf_counter() - mark
+            stages["network"] = network.network_seconds
             del inputs, logits
+            mark = time.perf_counter()
             data = self.postprocessing(data)
+            stages["postprocess"] = time.perf_counter() - mark
+            mark = time.perf_counter()
             label_map = data[self.pred_key]
             affine = np.asarray(label_map.affine, dtype=np.float64)
             labels = np.asarray(label_map.detach().cpu())[0].round()
@@ -662,7 +680,10 @@ class CaseInference:
             failure = {"case": case, "image": item.get(self.image_key), "error": message, "seconds": seconds}
             self.failed.append(failure)
             return failure
+        stages["write"] = time.perf_counter() - mark
         result["seconds"] = round(time.perf_counter() - start, 2)
+        result["windows"] = windows
+        result["stage_seconds"] = {k: round(v, 3) for k, v in stages.items()}
         logger.info("%s: %s (%.1f s)", progress, result["label_map"], result["seconds"])
         self.written.append(result)
         return result

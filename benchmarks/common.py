@@ -135,9 +135,12 @@ def summarise(times: list[float]) -> dict[str, Any]:
 
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON, with the machine and software it ran on."""
+    import anatomask_components
+
     report = {
         "device": device_description(),
         "torch": torch.__version__,
+        "package": str(Path(anatomask_components.__file__).parent),
         "python": sys.version.split()[0],
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

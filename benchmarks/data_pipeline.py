@@ -56,6 +56,11 @@ def main() -> None:
         default=True,
         help="memory-map cached volumes (default) or read them whole",
     )
+    parser.add_argument(
+        "--step-json",
+        default=None,
+        help="a step benchmark's JSON: compare the crop rate with the fastest AnatoMask step's crop rate",
+    )
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker; the workers provide the parallelism
@@ -96,6 +101,16 @@ def main() -> None:
         "cache_megabytes_per_scan": round(cache_mb, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
+    if args.step_json:
+        step = json.loads(Path(args.step_json).read_text(encoding="utf-8"))
+        step_s = min(r["median_s"] for name, r in step["results"].items() if "anatomask" in name)
+        # crops a training step consumes per second, against crops the pipeline delivers per second
+        step_crops_per_second = int(step["batch"]) / step_s
+        figures["step_json"] = args.step_json
+        figures["step_crops_per_second"] = round(step_crops_per_second, 4)
+        figures["pipeline_over_step_rate"] = round(
+            figures["cached_crops_per_second"] / step_crops_per_second, 1
+        )
     print(json.dumps(figures, indent=4))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ SparK median) per backend. Example (CPU, about 25 minutes for STU-Net-B):
 from __future__ import annotations
 
 import argparse
+import inspect
 from types import SimpleNamespace
 
 import torch
@@ -51,16 +52,21 @@ def build_step(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = AnatoMaskPretrainModel(backend=backend, **network_kwargs(size)).to(device)
     teacher = EMATeacher(network) if method == "anatomask" else None
+    options = {
+        "precision": precision,
+        "teacher_precision": teacher_precision,
+        "channels_last": channels_last,
+        "compile": compile,
+        "seed": seed,
+    }
+    # options an older version of the package lacks are left out, so that it can be timed too (before/after)
+    accepted = inspect.signature(AnatoMaskIteration).parameters
     iteration = AnatoMaskIteration(
         masking=MODES[method],
         mask_ratio=0.6,
         teacher=teacher,
         schedule=HardRatioSchedule(total_epochs=1, start=0.5, end=0.5) if teacher else None,
-        precision=precision,
-        teacher_precision=teacher_precision,
-        channels_last=channels_last,
-        compile=compile,
-        seed=seed,
+        **{k: v for k, v in options.items() if k in accepted},
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(network, 1e-5, decay_all=True), lr=1e-4, betas=(0.9, 0.999), fused=True

@@ -112,6 +112,54 @@ def test_masked_instance_norm_with_everything_visible_is_instance_norm():
     )
 
 
+def _autograd_masked_instance_norm(x, mask, weight, bias, eps, pooling):
+    """The textbook masked norm, differentiated by autograd: the reference of the hand-written backward."""
+    dims = (0, 2, 3, 4) if pooling == "batch" else (2, 3, 4)
+    m = mask.to(x.dtype)
+    count = m.sum(dim=dims, keepdim=True)
+    mean = (x * m).sum(dim=dims, keepdim=True) / count
+    centred = (x - mean) * m
+    var = centred.square().sum(dim=dims, keepdim=True) / count
+    y = centred / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1, 1) + bias.view(1, -1, 1, 1, 1)
+    return y * m
+
+
+@pytest.mark.parametrize("pooling", ["sample", "batch"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_masked_instance_norm_backward_equals_autograd(pooling, affine):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 3, 5, 4, 6, generator=gen, dtype=torch.float64) * 2 + 4).requires_grad_()
+    mask = torch.rand(2, 1, 5, 4, 6, generator=gen) > 0.4
+    norm = nn.InstanceNorm3d(3, affine=affine, eps=1e-5).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(torch.tensor([0.5, -1.5, 2.0]))
+            norm.bias.copy_(torch.tensor([0.3, 0.0, -1.0]))
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (masked_instance_norm(x, mask, norm, pooling) * upstream).sum().backward()
+    grads = [x.grad.clone()] + ([norm.weight.grad.clone(), norm.bias.grad.clone()] if affine else [])
+
+    x2 = x.detach().clone().requires_grad_()
+    weight = (norm.weight if affine else torch.ones(3, dtype=torch.float64)).detach().clone().requires_grad_()
+    bias = (norm.bias if affine else torch.zeros(3, dtype=torch.float64)).detach().clone().requires_grad_()
+    (_autograd_masked_instance_norm(x2, mask, weight, bias, 1e-5, pooling) * upstream).sum().backward()
+    expected = [x2.grad] + ([weight.grad, bias.grad] if affine else [])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.all(x.grad[~mask.expand_as(x)] == 0)  # nothing flows to masked voxels
+
+
+def test_masked_instance_norm_reduced_precision_keeps_fp32_statistics():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 8, 8, 8, generator=gen) * 3 + 100  # large offset: bf16 statistics would drift
+    mask = torch.rand(1, 1, 8, 8, 8, generator=gen) > 0.5
+    norm = nn.InstanceNorm3d(4, affine=True)
+    y = masked_instance_norm(x.bfloat16(), mask, norm, "batch")
+    assert y.dtype == torch.bfloat16
+    expected = masked_instance_norm(x.bfloat16().float(), mask, norm, "batch")
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # the encoder
 

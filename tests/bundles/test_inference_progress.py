@@ -91,6 +91,12 @@ def test_inference_logs_progress_and_seconds_per_case(tmp_path):
 
     [written], [failed] = report["written"], report["failed"]
     assert written["case"] == "oblique" and written["seconds"] > 0
+    stages = written["stage_seconds"]
+    assert set(stages) == {"preprocess", "inferer", "network", "postprocess", "write"}
+    # the network runs inside the inferer; the stages are disjoint parts of the case's time
+    assert 0 < stages["network"] <= stages["inferer"]
+    assert sum(v for k, v in stages.items() if k != "network") <= written["seconds"] + 0.01
+    assert written["windows"] == parsed[-1][2]
     assert failed["case"] == "truncated" and failed["seconds"] >= 0
     assert report["seconds"] >= written["seconds"] + failed["seconds"] - 0.05
     assert report["seconds_per_case"] == pytest.approx(report["seconds"] / 2, abs=0.01)
@@ -101,3 +107,4 @@ def test_progress_can_be_switched_off(tmp_path):
     assert "[1/2] oblique: started" in messages
     assert not any("sliding window" in m for m in messages)
     assert [c["case"] for c in report["written"]] == ["oblique"]
+    assert report["written"][0]["stage_seconds"]["network"] > 0  # timed without the progress lines

@@ -1,0 +1,124 @@
+"""The sparse encoder's two backends, forward + backward, at several mask ratios, interleaved.
+
+``dense`` (masked dense convolution) computes every voxel and zeroes the masked ones; ``spconv``
+(submanifold sparse convolution) computes the visible voxels only, so it gains with the mask ratio and
+pays for its index bookkeeping. One configuration per (backend, mask ratio), each in its own process,
+stepped round by round; the same random masks on both backends. Prints a table with the faster backend
+per ratio and writes JSON. Example (CPU, about 15 minutes for STU-Net-B):
+
+    python benchmarks/encoder_backends.py --size B --ratios 0.6 0.75 0.9 \
+        --out benchmarks/results/encoder_backends_B_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import Worker, interleave, summarise, write_report
+from pretrain_step import network_kwargs
+
+from anatomask_components.masking import random_patch_mask
+from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.patches import mask_to_visible_grid, patch_grid
+
+
+def build_encoder_step(
+    size: str, roi: list[int], batch: int, backend: str, mask_ratio: float, channels_last: bool, seed: int = 0
+):
+    """Forward + backward of the sparse encoder alone (runs in the benchmark's child process)."""
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AnatoMaskPretrainModel(backend=backend, **network_kwargs(size)).to(device)
+    encoder = model.sparse_encoder
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    encoder.to(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, *roi, generator=generator).to(device).contiguous(memory_format=memory_format)
+    grid = patch_grid(roi, model.patch_size)
+    masks = [
+        mask_to_visible_grid(
+            random_patch_mask(batch, model.num_patches(roi), mask_ratio, generator), grid
+        ).to(device)
+        for _ in range(4)
+    ]
+    state = {"i": 0}
+
+    def step() -> None:
+        visible = masks[state["i"] % len(masks)]
+        state["i"] += 1
+        encoder.zero_grad(set_to_none=True)
+        features = encoder(x, visible)
+        sum(f.float().square().mean() for f in features).backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny'")
+    parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.6, 0.75, 0.9])
+    parser.add_argument("--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--contiguous", action="store_true", help="default memory format, not channels-last")
+    parser.add_argument("--out", default="benchmarks/results/encoder_backends.json")
+    args = parser.parse_args()
+
+    workers = []
+    try:
+        for ratio in args.ratios:
+            for backend in args.backends:
+                workers.append(
+                    Worker(
+                        f"{backend} @ {ratio:g}",
+                        build_encoder_step,
+                        size=args.size,
+                        roi=args.roi,
+                        batch=args.batch,
+                        backend=backend,
+                        mask_ratio=ratio,
+                        channels_last=not args.contiguous,
+                    )
+                )
+        print(f"STU-Net-{args.size} encoder, crop {args.roi}, batch {args.batch}: forward + backward")
+        times = interleave(workers, args.warmup, args.repeats)
+        results = {
+            w.name: {**summarise(times[w.name]), "peak_memory_bytes": w.peak_memory()} for w in workers
+        }
+    finally:
+        for w in workers:
+            w.close()
+
+    faster = {}
+    print(f"\n{'mask ratio':<12}" + "".join(f"{b + ' s':>12}" for b in args.backends) + f"{'faster':>10}")
+    for ratio in args.ratios:
+        medians = {b: results[f"{b} @ {ratio:g}"]["median_s"] for b in args.backends}
+        faster[f"{ratio:g}"] = min(medians, key=medians.get)
+        print(
+            f"{ratio:<12g}"
+            + "".join(f"{medians[b]:>12.2f}" for b in args.backends)
+            + f"{faster[f'{ratio:g}']:>10}"
+        )
+    write_report(
+        args.out,
+        {
+            "benchmark": "encoder_backends",
+            "size": args.size,
+            "roi": args.roi,
+            "batch": args.batch,
+            "channels_last": not args.contiguous,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "results": results,
+            "faster_backend": faster,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The speed levers of the pretraining step change how it is computed, not what (issue: speed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from anatomask_components.engines import AnatoMaskIteration
+from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked
+from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.teacher import EMATeacher
+
+TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _setup(channels_last: bool, teacher_precision: str | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    student = AnatoMaskPretrainModel(**TINY)
+    teacher = EMATeacher(student)
+    step = AnatoMaskIteration(
+        "anatomask",
+        0.6,
+        teacher,
+        HardRatioSchedule(total_epochs=1, start=0.5, end=0.5),
+        channels_last=channels_last,
+        teacher_precision=teacher_precision,
+        seed=seed,
+    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
+    state = SimpleNamespace(device=torch.device("cpu"), iteration=1, epoch=1, epoch_length=1, max_epochs=1)
+    return step, teacher, SimpleNamespace(network=student, optimizer=optimizer, state=state)
+
+
+def _train(channels_last: bool, iterations: int = 3):
+    step, teacher, engine = _setup(channels_last)
+    masks, losses = [], []
+    engine.network.register_forward_pre_hook(lambda m, args: masks.append(args[1].clone()))
+    gen = torch.Generator().manual_seed(1)
+    for i in range(1, iterations + 1):
+        engine.state.iteration = i
+        losses.append(float(step(engine, {"image": torch.randn(2, 1, 32, 32, 32, generator=gen)})["loss"]))
+        teacher(engine)
+    return losses, masks, engine.network, teacher.teacher
+
+
+def test_channels_last_computes_the_same_training():
+    losses_cl, masks_cl, student_cl, teacher_cl = _train(channels_last=True)
+    losses, masks, student, teacher = _train(channels_last=False)
+    # the same masks (the teacher's choice included) and the same losses, up to the order of float sums
+    assert all(torch.equal(a, b) for a, b in zip(masks_cl, masks))
+    assert losses_cl == pytest.approx(losses, rel=1e-4)
+    conv = student_cl.sparse_encoder.sp_cnn.conv_blocks_context[1][0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    assert teacher_cl.dense_decoder.dec[0].up_sample.weight.is_contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    assert student.sparse_encoder.sp_cnn.conv_blocks_context[1][0].conv1.weight.is_contiguous()
+    for (name, a), b in zip(student_cl.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_teachers_mask_is_an_ordinary_tensor_with_exact_counts():
+    step, teacher, engine = _setup(channels_last=True)
+    x = torch.randn(2, 1, 32, 32, 32)
+    length = engine.network.num_patches(x.shape[2:])
+    m0 = torch.zeros(2, length, dtype=torch.bool)
+    m0[:, : num_masked(length, 0.6)] = True
+    mask = step.guided_mask(x, m0, engine.network, 0.5, torch.Generator().manual_seed(0))
+    assert not torch.is_inference(mask)  # the teacher ran in inference mode; its mask feeds autograd code
+    assert mask.sum(dim=1).tolist() == [num_masked(length, 0.6)] * 2
+
+
+def test_a_bf16_teacher_is_an_option_with_exact_counts():
+    step, teacher, engine = _setup(channels_last=True, teacher_precision="bf16")
+    assert step.teacher_precision == "bf16" and step.precision == "fp32"
+    calls = []
+    teacher.teacher.register_forward_hook(lambda m, args, out: calls.append(out.dtype))
+    output = step(engine, {"image": torch.randn(2, 1, 32, 32, 32)})
+    assert calls == [torch.bfloat16]  # the teacher's pass ran under bf16 autocast, the student's did not
+    assert output["num_hard"] == num_hard(num_masked(64, 0.6), 0.5)
+    with pytest.raises(ValueError, match="teacher_precision"):
+        AnatoMaskIteration("random", 0.6, teacher_precision="int8")
+
+
+def test_the_per_sample_mask_loop_of_the_benchmark_chooses_what_the_generator_chooses():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from mask_generation import per_sample_guided_masks, per_sample_random_masks
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import numpy as np
+
+    from anatomask_components.masking import reconstruction_guided_mask
+
+    rng = np.random.default_rng(0)
+    scores = torch.rand(8, 392, generator=torch.Generator().manual_seed(0))
+    candidates = per_sample_random_masks(8, 392, rng)
+    n_masked, k = num_masked(392, 0.6), num_hard(num_masked(392, 0.6), 0.5)
+    assert (n_masked, k) == (235, 117)
+    assert candidates.sum(dim=1).tolist() == [n_masked] * 8
+    loop = per_sample_guided_masks(scores, candidates, rng)
+    fast = reconstruction_guided_mask(scores, 0.6, 0.5, candidates=candidates, generator=torch.Generator())
+    hard = torch.zeros_like(candidates).scatter_(
+        1, scores.masked_fill(~candidates, float("-inf")).topk(k, dim=1).indices, True
+    )
+    for mask in (loop, fast):  # both hold exactly the k hardest candidates, and n_masked in all
+        assert mask.sum(dim=1).tolist() == [n_masked] * 8
+        assert torch.equal(mask & hard, hard)
+    assert not torch.equal(loop, fast)  # the random rest differs: two random sources
