@@ -56,12 +56,19 @@ def test_channels_last_computes_the_same_training():
     assert losses_cl == pytest.approx(losses, rel=1e-4)
     conv = student_cl.sparse_encoder.sp_cnn.conv_blocks_context[1][0].conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
-    assert teacher_cl.dense_decoder.dec[0].up_sample.weight.is_contiguous(
-        memory_format=torch.channels_last_3d
-    )
+    upsample = teacher_cl.dense_decoder.dec[0].up_sample.weight
+    assert upsample.is_contiguous(memory_format=torch.channels_last_3d)
     assert student.sparse_encoder.sp_cnn.conv_blocks_context[1][0].conv1.weight.is_contiguous()
-    for (name, a), b in zip(student_cl.state_dict().items(), student.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+    # the gradients of a first step, from identical weights (after a few AdamW steps the weights differ by
+    # its sign-like updates of near-zero gradients, which amplify rounding)
+    _, _, student_cl, _ = _train(channels_last=True, iterations=1)
+    _, _, student, _ = _train(channels_last=False, iterations=1)
+    for (name, a), b in zip(student_cl.named_parameters(), student.parameters()):
+        if name.endswith(("conv1.bias", "conv2.bias")) and "sp_cnn" in name:
+            continue  # a bias right before an instance norm has an exact gradient of zero: rounding only
+        # fp32 rounding at initialisation, where the reconstruction is near zero, moves them by about 0.1 %;
+        # a layout mistake would move them by order one
+        assert (a.grad - b.grad).norm() <= 1e-2 * b.grad.norm(), name
 
 
 def test_the_teachers_mask_is_an_ordinary_tensor_with_exact_counts():
