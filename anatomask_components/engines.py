@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
+from torch.profiler import record_function
 
 from anatomask_components.determinism import sample_seed
 from anatomask_components.losses import LossPredictionKind, loss_prediction_loss, masked_mean, patch_scores
@@ -231,12 +232,13 @@ class AnatoMaskIteration:
         r_t = self.hard_ratio(engine)
         k = num_hard(num_masked(length, self.mask_ratio), r_t) if self.masking != "random" else 0
         if k > 0:
-            mask = self.guided_mask(x, mask, model, r_t, generator)
+            with record_function("anatomask.teacher"):  # phases named for torch.profiler (no cost otherwise)
+                mask = self.guided_mask(x, mask, model, r_t, generator)
 
         student.train()
         engine.optimizer.zero_grad(set_to_none=True)
         forward = self._forward_fn(student)
-        with self._autocast(device, self.precision):
+        with record_function("anatomask.student_forward"), self._autocast(device, self.precision):
             if with_predictor:
                 reconstruction, predicted = forward(x, mask, return_loss_prediction=True)
             else:
@@ -261,9 +263,11 @@ class AnatoMaskIteration:
             self.scaler.step(engine.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            self._clip(student)
-            engine.optimizer.step()
+            with record_function("anatomask.backward"):
+                loss.backward()
+            with record_function("anatomask.optimizer"):
+                self._clip(student)
+                engine.optimizer.step()
         return {
             "loss": loss.detach(),
             **extra,

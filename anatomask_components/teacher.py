@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
+from torch.profiler import record_function
 
 __all__ = ["EMATeacher", "unwrap_model"]
 
@@ -65,18 +66,24 @@ class EMATeacher:
         return self.momentum_start + progress * (self.momentum_end - self.momentum_start)
 
     @torch.no_grad()
+    @record_function("anatomask.ema")
     def update(self, momentum: float) -> None:
         """One EMA step with the given momentum."""
         student_params = dict(self.student.named_parameters())
-        for name, t in self.teacher.named_parameters():
-            t.mul_(momentum).add_(student_params[name].detach(), alpha=1.0 - momentum)
         student_buffers = dict(self.student.named_buffers())
+        ema, source = [], []
+        for name, t in self.teacher.named_parameters():
+            ema.append(t)
+            source.append(student_params[name].detach())
         for name, t in self.teacher.named_buffers():
-            s = student_buffers[name].detach()
             if t.is_floating_point():
-                t.mul_(momentum).add_(s, alpha=1.0 - momentum)
+                ema.append(t)
+                source.append(student_buffers[name].detach())
             else:
-                t.copy_(s)
+                t.copy_(student_buffers[name])
+        # the same arithmetic as t.mul_(m).add_(s, alpha=1 - m) per tensor, in a few fused kernels
+        torch._foreach_mul_(ema, momentum)
+        torch._foreach_add_(ema, source, alpha=1.0 - momentum)
 
     def __call__(self, engine: Engine) -> None:
         if self.frozen:

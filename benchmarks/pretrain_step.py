@@ -45,6 +45,7 @@ def build_step(
     precision: str = "fp32",
     teacher_precision: str | None = None,
     compile: bool = False,
+    mask_ratio: float = 0.6,
     seed: int = 0,
 ):
     """Build one configuration; returns its ``step()`` (runs in the benchmark's child process)."""
@@ -63,7 +64,7 @@ def build_step(
     accepted = inspect.signature(AnatoMaskIteration).parameters
     iteration = AnatoMaskIteration(
         masking=MODES[method],
-        mask_ratio=0.6,
+        mask_ratio=mask_ratio,
         teacher=teacher,
         schedule=HardRatioSchedule(total_epochs=1, start=0.5, end=0.5) if teacher else None,
         **{k: v for k, v in options.items() if k in accepted},
@@ -91,7 +92,10 @@ def main() -> None:
     parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny' (widths 8-64)")
     parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv", "auto"]
+    )
+    parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--methods", nargs="+", default=["spark", "anatomask"], choices=list(MODES))
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -119,6 +123,7 @@ def main() -> None:
                         precision=args.precision,
                         teacher_precision=args.teacher_precision,
                         compile=args.compile,
+                        mask_ratio=args.mask_ratio,
                     )
                 )
         print(f"STU-Net-{args.size}, crop {args.roi}, batch {args.batch}: {len(workers)} configurations")
@@ -147,6 +152,7 @@ def main() -> None:
             "size": args.size,
             "roi": args.roi,
             "batch": args.batch,
+            "mask_ratio": args.mask_ratio,
             "precision": args.precision,
             "teacher_precision": args.teacher_precision or args.precision,
             "channels_last": not args.contiguous,

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from anatomask_components.engines import AnatoMaskIteration
-from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked
+from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked, random_patch_mask
 from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.networks.sparse import SPCONV_FROM_MASKED_FRACTION
+from anatomask_components.patches import mask_to_visible_grid, patch_grid
 from anatomask_components.teacher import EMATeacher
 
 TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
@@ -119,3 +121,33 @@ def test_the_per_sample_mask_loop_of_the_benchmark_chooses_what_the_generator_ch
         assert mask.sum(dim=1).tolist() == [n_masked] * 8
         assert torch.equal(mask & hard, hard)
     assert not torch.equal(loop, fast)  # the random rest differs: two random sources
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(0.6, "dense"), (0.75, "spconv"), (0.9, "spconv")])
+def test_auto_backend_runs_the_faster_backend_measured_for_the_mask_ratio(ratio, expected):
+    pytest.importorskip("spconv")
+
+    assert SPCONV_FROM_MASKED_FRACTION == {"cpu": 0.75, "cuda": None}  # docs/benchmarks.md, encoder backends
+    torch.manual_seed(0)
+    auto = AnatoMaskPretrainModel(**TINY, backend="auto")
+    fixed = AnatoMaskPretrainModel(**TINY, backend=expected)
+    fixed.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32)
+    mask = random_patch_mask(2, auto.num_patches(x.shape[2:]), ratio, torch.Generator().manual_seed(1))
+    visible = mask_to_visible_grid(mask, patch_grid(x.shape[2:], auto.patch_size))
+    assert auto.sparse_encoder.resolved_backend(visible) == expected
+    with torch.no_grad():
+        assert torch.equal(auto(x, mask), fixed(x, mask))  # the very computation of the chosen backend
+
+
+def test_auto_backend_without_spconv_stays_dense(monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("no spconv")
+
+    monkeypatch.setattr("anatomask_components.networks.sparse._SpconvBackend", missing)
+    encoder = AnatoMaskPretrainModel(**TINY, backend="auto").sparse_encoder
+    visible = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    visible[0, 0, 0, 0, :2] = True  # 97 % masked: spconv's range on a CPU
+    assert encoder.resolved_backend(visible) == "dense"
+    with pytest.raises(ValueError, match="'dense', 'spconv' or 'auto'"):
+        encoder.backend = "sparse"

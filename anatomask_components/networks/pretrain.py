@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from anatomask_components.networks.decoders import LightDecoder, PatchLossHead, SimpleDecoder
 from anatomask_components.networks.sparse import (
+    Backend,
     NormPooling,
     SparseSTUNetEncoder,
     masked_instance_norm,
@@ -35,7 +36,9 @@ class AnatoMaskPretrainModel(nn.Module):
         num_stages: encoder stages to pretrain: 5 (reference, total stride 16) or all 6.
         decoder: ``"hierarchical"`` (SparK's LightDecoder fed by 4 densified levels) or ``"simple"``
             (two conv blocks on the deepest features, paper Table 1).
-        backend: sparse encoder backend, ``"dense"`` (masked dense convs) or ``"spconv"``.
+        backend: sparse encoder backend, ``"auto"`` (per call, the faster for the device and masked
+            fraction: :data:`~anatomask_components.networks.sparse.SPCONV_FROM_MASKED_FRACTION`), ``"dense"``
+            (masked dense convolutions) or ``"spconv"``.
         norm_pooling: sparse instance-norm statistics over the batch (reference) or per ``"sample"``.
         hierarchy: number of densified levels fed to the hierarchical decoder.
         encoder_init: ``"pytorch"`` keeps PyTorch's default initialisation of the encoder convolutions
@@ -64,7 +67,7 @@ class AnatoMaskPretrainModel(nn.Module):
         strides: Sequence[Sequence[int] | int] | None = None,
         num_stages: int = 5,
         decoder: Literal["hierarchical", "simple"] = "hierarchical",
-        backend: Literal["dense", "spconv"] = "dense",
+        backend: Backend = "auto",
         norm_pooling: NormPooling = "batch",
         hierarchy: int = 4,
         encoder_init: Literal["pytorch", "he"] = "pytorch",

@@ -7,6 +7,8 @@ names under ``sp_cnn.``) on only the visible voxels. Two interchangeable backend
   at its resolution, so masked positions stay exactly zero. Fast on GPUs, any device.
 - ``"spconv"``: real submanifold sparse convolution with `spconv`; stride-1 convolutions are
   submanifold convolutions, strided ones are sparse convolutions restricted to the visible sites.
+- ``"auto"``: per call, the one measured faster on the input's device at the call's masked fraction
+  (:data:`SPCONV_FROM_MASKED_FRACTION`); masked dense wherever spconv is not installed.
 
 Both give the same features on visible voxels up to floating-point error. The visibility mask is an
 explicit argument of every call; nothing is kept in module-level state.
@@ -24,10 +26,21 @@ import torch.nn.functional as F
 
 from anatomask_components.networks.stunet import BasicResBlock, STUNet
 
-__all__ = ["STUNetEncoder", "SparseSTUNetEncoder", "masked_instance_norm", "upsample_patch_mask"]
+__all__ = [
+    "SPCONV_FROM_MASKED_FRACTION",
+    "STUNetEncoder",
+    "SparseSTUNetEncoder",
+    "masked_instance_norm",
+    "upsample_patch_mask",
+]
 
 NormPooling = Literal["batch", "sample"]
+Backend = Literal["dense", "spconv", "auto"]
 LEAKY_SLOPE = 0.01
+# The "auto" backend's rule, per device type: the smallest masked fraction from which spconv was measured
+# faster than masked dense convolution (benchmarks/encoder_backends.py, docs/benchmarks.md; CPU: dense
+# faster at 0.6, spconv at 0.75 and 0.9). None: not measured faster anywhere, masked dense throughout.
+SPCONV_FROM_MASKED_FRACTION: dict[str, float | None] = {"cpu": 0.75, "cuda": None}
 
 
 def upsample_patch_mask(active: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
@@ -281,7 +294,8 @@ class SparseSTUNetEncoder(nn.Module):
 
     Args:
         encoder: the STU-Net stages to run, under ``sp_cnn`` (official key names below it).
-        backend: ``"dense"`` (masked dense convolution) or ``"spconv"`` (submanifold sparse convolution).
+        backend: ``"dense"`` (masked dense convolution), ``"spconv"`` (submanifold sparse convolution) or
+            ``"auto"`` (per call, the faster of the two for the device and masked fraction).
         norm_pooling: ``"batch"`` pools the instance-norm statistics over the active voxels of the
             whole batch (reference); ``"sample"`` computes them per sample.
 
@@ -295,7 +309,7 @@ class SparseSTUNetEncoder(nn.Module):
     def __init__(
         self,
         encoder: STUNetEncoder,
-        backend: Literal["dense", "spconv"] = "dense",
+        backend: Backend = "dense",
         norm_pooling: NormPooling = "batch",
     ) -> None:
         super().__init__()
@@ -310,7 +324,7 @@ class SparseSTUNetEncoder(nn.Module):
         cls,
         stunet: STUNet,
         num_stages: int = 5,
-        backend: Literal["dense", "spconv"] = "dense",
+        backend: Backend = "dense",
         norm_pooling: NormPooling = "batch",
     ) -> SparseSTUNetEncoder:
         """Take the first ``num_stages`` encoder stages of ``stunet`` (its modules, not copies)."""
@@ -327,13 +341,26 @@ class SparseSTUNetEncoder(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name == "dense":
-            self._backend = _MaskedDenseBackend(self.norm_pooling)
-        elif name == "spconv":
-            self._backend = _SpconvBackend(self.norm_pooling)
-        else:
-            raise ValueError(f"unknown sparse backend {name!r}; choose 'dense' or 'spconv'.")
+        if name not in ("dense", "spconv", "auto"):
+            raise ValueError(f"unknown sparse backend {name!r}; choose 'dense', 'spconv' or 'auto'.")
+        self._backends: dict[str, object] = {"dense": _MaskedDenseBackend(self.norm_pooling)}
+        if name == "spconv":
+            self._backends["spconv"] = _SpconvBackend(self.norm_pooling)
         self._backend_name = name
+
+    def resolved_backend(self, visible: torch.Tensor) -> str:
+        """The backend a call with this patch mask runs: the fixed one, or the choice of ``"auto"``."""
+        if self._backend_name != "auto":
+            return self._backend_name
+        threshold = SPCONV_FROM_MASKED_FRACTION.get(visible.device.type)
+        if threshold is None or 1.0 - float(visible.float().mean()) < threshold - 1e-9:
+            return "dense"
+        if "spconv" not in self._backends:
+            try:
+                self._backends["spconv"] = _SpconvBackend(self.norm_pooling)
+            except ImportError:
+                self._backends["spconv"] = None  # not installed: dense throughout
+        return "spconv" if self._backends["spconv"] is not None else "dense"
 
     @property
     def cumulative_strides(self) -> list[tuple[int, int, int]]:
@@ -381,7 +408,7 @@ class SparseSTUNetEncoder(nn.Module):
                 f"input of spatial shape {tuple(x.shape[2:])} with patch size {patch} needs a visibility "
                 f"mask of shape (B, 1, *{grid}), got {tuple(visible.shape)}."
             )
-        backend = self._backend
+        backend = self._backends[self.resolved_backend(visible)]
         if masks is None:
             masks = self.visible_masks(visible)
         levels = {stride: backend.level(m) for stride, m in masks.items()}
@@ -391,13 +418,13 @@ class SparseSTUNetEncoder(nn.Module):
         for stage, stride in zip(self.sp_cnn.conv_blocks_context, self.cumulative_strides):
             level_out = levels[stride]
             for block in stage:
-                h = self._block(block, h, level_in, level_out)
+                h = self._block(backend, block, h, level_in, level_out)
                 level_in = level_out
             features.append(backend.to_dense(h, level_out))
         return features
 
-    def _block(self, block: BasicResBlock, h, level_in, level_out):
-        be = self._backend
+    @staticmethod
+    def _block(be, block: BasicResBlock, h, level_in, level_out):
         # in-place activations on fresh tensors: autograd keeps one copy instead of input and output
         y = F.leaky_relu(be.conv_norm(block.conv1, block.norm1, h, level_in, level_out), LEAKY_SLOPE, True)
         y = be.conv_norm(block.conv2, block.norm2, y, level_out, level_out)
