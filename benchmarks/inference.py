@@ -75,14 +75,18 @@ def run_bundle(bundle: Path, image: str, model: str, output_dir: Path, overrides
 
 
 def label_agreement(a: str, b: str) -> dict[str, float]:
-    """DSC of every label present in either map (``"mean"``: their mean)."""
+    """DSC of every foreground label present in either map, their mean, and the voxel agreement."""
     x = np.asarray(nib.load(a).dataobj)
     y = np.asarray(nib.load(b).dataobj)
     scores = {}
-    for label in sorted(set(np.unique(x)) | set(np.unique(y)) - {0}):
+    for label in sorted((set(np.unique(x)) | set(np.unique(y))) - {0}):
         px, py = x == label, y == label
         scores[str(int(label))] = float(2 * np.logical_and(px, py).sum() / (px.sum() + py.sum()))
     scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    foreground = (x > 0) | (y > 0)
+    scores["foreground_voxels"] = int(foreground.sum())
+    scores["voxel_agreement"] = float((x == y).mean())
+    scores["foreground_agreement"] = float((x == y)[foreground].mean()) if foreground.any() else float("nan")
     return scores
 
 

@@ -186,6 +186,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--contiguous", action="store_true", help="our side without channels-last")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="our side's precision (the reference: fp32)",
+    )
+    parser.add_argument("--teacher-precision", default=None, choices=["fp32", "bf16"], help="our teacher's")
     parser.add_argument("--out", default="benchmarks/results/reference_step.json")
     args = parser.parse_args()
 
@@ -214,6 +221,8 @@ def main() -> None:
                         backend=backend,
                         method=method,
                         channels_last=not args.contiguous,
+                        precision=args.precision,
+                        teacher_precision=args.teacher_precision,
                     )
                 )
         print(f"STU-Net-B, crop {args.roi}, batch {args.batch}: reference against ours ({args.backends})")
@@ -257,6 +266,8 @@ def main() -> None:
             "batch": args.batch,
             "backends": args.backends,
             "channels_last": not args.contiguous,
+            "precision": args.precision,
+            "teacher_precision": args.teacher_precision or args.precision,
             "timm": "stand-in" if stand_in else "installed",
             "warmup": args.warmup,
             "repeats": args.repeats,

@@ -109,7 +109,8 @@ def main() -> None:
     kwargs = {"depths": [1] * len(args.dims), "dims": args.dims} if args.dims else {"size": args.size}
     network = AnatoMaskPretrainModel(**kwargs)
     if args.checkpoint:
-        network.load_state_dict(extract_state_dict(load_checkpoint(args.checkpoint)))
+        state_dict, _ = extract_state_dict(load_checkpoint(args.checkpoint), source=args.checkpoint)
+        network.load_state_dict(state_dict)
     network = network.to(device).eval().to(memory_format=torch.channels_last_3d)
     inputs = crops(args.images, args.spacing, args.roi, args.crops, args.seed)
     length = network.num_patches(args.roi)
