@@ -9,6 +9,7 @@ user sees it), ``torch.cuda.max_memory_allocated`` on a GPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
@@ -23,7 +24,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Worker", "device_description", "interleave", "summarise", "write_report"]
+__all__ = [
+    "Worker",
+    "add_run_arguments",
+    "device_description",
+    "interleave",
+    "print_results",
+    "run_configurations",
+    "summarise",
+    "write_report",
+]
 
 
 def device_description() -> str:
@@ -126,6 +136,47 @@ def interleave(workers: list[Worker], warmup: int, repeats: int) -> dict[str, li
                 times[w.name].append(seconds)
             print(f"  [{label}] {w.name:<28} {seconds:8.2f} s", flush=True)
     return times
+
+
+def run_configurations(
+    configurations: list[tuple[str, Callable[..., Callable[[], Any]], dict[str, Any]]],
+    warmup: int,
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """Start one worker per ``(name, builder, kwargs)``, interleave their steps, stop them all.
+
+    Returns:
+        name -> :func:`summarise` of its timed steps plus ``peak_memory_bytes``, in the given order.
+    """
+    workers: list[Worker] = []
+    try:
+        for name, builder, kwargs in configurations:
+            workers.append(Worker(name, builder, **kwargs))
+        times = interleave(workers, warmup, repeats)
+        return {w.name: {**summarise(times[w.name]), "peak_memory_bytes": w.peak_memory()} for w in workers}
+    finally:
+        for w in workers:
+            w.close()
+
+
+def print_results(results: dict[str, dict[str, Any]]) -> None:
+    """A table of median seconds and peak memory per configuration."""
+    width = max(len("configuration"), *(len(name) for name in results)) + 2
+    print(f"\n{'configuration':<{width}}{'median s':>10}{'peak GB':>10}")
+    for name, r in results.items():
+        print(f"{name:<{width}}{r['median_s']:>10.2f}{r['peak_memory_bytes'] / 1e9:>10.2f}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: str, repeats: int = 3) -> None:
+    """The options every step benchmark shares: crop, batch, rounds, memory format, JSON path."""
+    parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--contiguous", action="store_true", help="contiguous memory format instead of channels-last"
+    )
+    parser.add_argument("--out", default=out, help="JSON file for the figures")
 
 
 def summarise(times: list[float]) -> dict[str, Any]:

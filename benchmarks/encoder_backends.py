@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import Worker, interleave, summarise, write_report
+from common import add_run_arguments, run_configurations, write_report
 from pretrain_step import network_kwargs
 
 from anatomask_components.masking import random_patch_mask
@@ -59,40 +59,29 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny'")
-    parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.6, 0.75, 0.9])
     parser.add_argument("--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--contiguous", action="store_true", help="default memory format, not channels-last")
-    parser.add_argument("--out", default="benchmarks/results/encoder_backends.json")
+    add_run_arguments(parser, "benchmarks/results/encoder_backends.json")
     args = parser.parse_args()
 
-    workers = []
-    try:
-        for ratio in args.ratios:
-            for backend in args.backends:
-                workers.append(
-                    Worker(
-                        f"{backend} @ {ratio:g}",
-                        build_encoder_step,
-                        size=args.size,
-                        roi=args.roi,
-                        batch=args.batch,
-                        backend=backend,
-                        mask_ratio=ratio,
-                        channels_last=not args.contiguous,
-                    )
-                )
-        print(f"STU-Net-{args.size} encoder, crop {args.roi}, batch {args.batch}: forward + backward")
-        times = interleave(workers, args.warmup, args.repeats)
-        results = {
-            w.name: {**summarise(times[w.name]), "peak_memory_bytes": w.peak_memory()} for w in workers
-        }
-    finally:
-        for w in workers:
-            w.close()
+    configurations = [
+        (
+            f"{backend} @ {ratio:g}",
+            build_encoder_step,
+            {
+                "size": args.size,
+                "roi": args.roi,
+                "batch": args.batch,
+                "backend": backend,
+                "mask_ratio": ratio,
+                "channels_last": not args.contiguous,
+            },
+        )
+        for ratio in args.ratios
+        for backend in args.backends
+    ]
+    print(f"STU-Net-{args.size} encoder, crop {args.roi}, batch {args.batch}: forward + backward")
+    results = run_configurations(configurations, args.warmup, args.repeats)
 
     faster = {}
     print(f"\n{'mask ratio':<12}" + "".join(f"{b + ' s':>12}" for b in args.backends) + f"{'faster':>10}")

@@ -21,53 +21,36 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from common import write_report
 
-
-def _argument(value) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
+from anatomask_components.demo.pipeline import run_bundle as demo_run_bundle
 
 
 def run_bundle(bundle: Path, image: str, model: str, output_dir: Path, overrides: dict) -> dict:
-    """One ``monai.bundle run`` of the inference config; its report, wall seconds and label map path."""
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(bundle / "configs" / "inference.json"),
-        "--bundle_root",
-        str(bundle),
-        "--dataset_dir",
-        image,
-        "--output_dir",
-        str(output_dir),
-        "--model_path",
-        model,
-    ]
-    for key, value in overrides.items():
-        command += [f"--{key}", _argument(value)]
-    start = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
-    wall = time.perf_counter() - start
-    (output_dir / "bundle_run.log").write_text(completed.stdout + completed.stderr, encoding="utf-8")
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"bundle run failed ({output_dir / 'bundle_run.log'}):\n{completed.stderr[-3000:]}"
-        )
-    report = json.loads((output_dir / "inference_report.json").read_text(encoding="utf-8"))
-    case = report["written"][0]
+    """One ``monai.bundle run`` of the inference config (the demo's runner: wall time, peak memory, log);
+    the case's seconds per stage and its label map from ``inference_report.json``."""
+    override = output_dir / "benchmark_override.json"
+    # absolute paths: the bundle runs in its own folder
+    settings = {
+        "dataset_dir": str(Path(image).resolve()),
+        "output_dir": str(output_dir.resolve()),
+        "model_path": str(Path(model).resolve()),
+        **overrides,
+    }
+    override.write_text(json.dumps(settings, indent=4), encoding="utf-8")
+    config_files = [str(bundle / "configs" / "inference.json"), str(override)]
+    stage = demo_run_bundle(
+        bundle, config_files, f"inference {overrides}", str(output_dir / "bundle_run.log")
+    )
+    case = json.loads((output_dir / "inference_report.json").read_text(encoding="utf-8"))["written"][0]
     return {
-        "wall_s": wall,
+        "wall_s": stage.wall_s,
+        "peak_rss_mb": stage.peak_rss_mb,
         "case_s": case["seconds"],
         "stages": case["stage_seconds"],
         "label_map": case["label_map"],

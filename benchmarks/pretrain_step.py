@@ -18,7 +18,7 @@ import inspect
 from types import SimpleNamespace
 
 import torch
-from common import Worker, interleave, summarise, write_report
+from common import add_run_arguments, print_results, run_configurations, write_report
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
@@ -90,59 +90,46 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny' (widths 8-64)")
-    parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument(
         "--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv", "auto"]
     )
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--methods", nargs="+", default=["spark", "anatomask"], choices=list(MODES))
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--teacher-precision", default=None, choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--contiguous", action="store_true", help="default memory format, not channels-last")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student")
-    parser.add_argument("--out", default="benchmarks/results/pretrain_step.json")
+    add_run_arguments(parser, "benchmarks/results/pretrain_step.json")
     args = parser.parse_args()
 
-    workers = []
-    try:
-        for backend in args.backends:
-            for method in args.methods:
-                workers.append(
-                    Worker(
-                        f"{method}/{backend}",
-                        build_step,
-                        size=args.size,
-                        roi=args.roi,
-                        batch=args.batch,
-                        backend=backend,
-                        method=method,
-                        channels_last=not args.contiguous,
-                        precision=args.precision,
-                        teacher_precision=args.teacher_precision,
-                        compile=args.compile,
-                        mask_ratio=args.mask_ratio,
-                    )
-                )
-        print(f"STU-Net-{args.size}, crop {args.roi}, batch {args.batch}: {len(workers)} configurations")
-        times = interleave(workers, args.warmup, args.repeats)
-        results = {
-            w.name: {**summarise(times[w.name]), "peak_memory_bytes": w.peak_memory()} for w in workers
-        }
-    finally:
-        for w in workers:
-            w.close()
+    configurations = [
+        (
+            f"{method}/{backend}",
+            build_step,
+            {
+                "size": args.size,
+                "roi": args.roi,
+                "batch": args.batch,
+                "backend": backend,
+                "method": method,
+                "channels_last": not args.contiguous,
+                "precision": args.precision,
+                "teacher_precision": args.teacher_precision,
+                "compile": args.compile,
+                "mask_ratio": args.mask_ratio,
+            },
+        )
+        for backend in args.backends
+        for method in args.methods
+    ]
+    print(f"STU-Net-{args.size}, crop {args.roi}, batch {args.batch}: {len(configurations)} configurations")
+    results = run_configurations(configurations, args.warmup, args.repeats)
 
     ratios = {
         b: results[f"anatomask/{b}"]["median_s"] / results[f"spark/{b}"]["median_s"]
         for b in args.backends
         if f"anatomask/{b}" in results and f"spark/{b}" in results
     }
-    print(f"\n{'configuration':<22}{'median s':>10}{'peak GB':>10}")
-    for name, r in results.items():
-        print(f"{name:<22}{r['median_s']:>10.2f}{r['peak_memory_bytes'] / 1e9:>10.2f}")
+    print_results(results)
     for b, r in ratios.items():
         print(f"teacher_overhead_ratio (AnatoMask / SparK, {b}): {r:.3f}")
     write_report(

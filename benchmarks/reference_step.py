@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from common import Worker, interleave, summarise, write_report
+from common import add_run_arguments, print_results, run_configurations, write_report
 from pretrain_step import build_step
 
 PRETRAIN_DIR = Path("nnunetv2/training/nnUNetTrainer/variants/pretrain")
@@ -175,17 +175,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference", required=True, help="local checkout of the AnatoMask repository")
-    parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument(
         "--backends", nargs="+", default=["dense"], choices=["dense", "spconv"], help="our sparse backends"
     )
     parser.add_argument(
         "--methods", nargs="+", default=["anatomask", "spark"], choices=["anatomask", "spark"]
     )
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--contiguous", action="store_true", help="our side without channels-last")
     parser.add_argument(
         "--precision",
         default="fp32",
@@ -193,46 +188,28 @@ def main() -> None:
         help="our side's precision (the reference: fp32)",
     )
     parser.add_argument("--teacher-precision", default=None, choices=["fp32", "bf16"], help="our teacher's")
-    parser.add_argument("--out", default="benchmarks/results/reference_step.json")
+    add_run_arguments(parser, "benchmarks/results/reference_step.json", repeats=2)
     args = parser.parse_args()
 
     stand_in = _install_timm_stand_in()
-    workers = []
-    try:
-        for method in args.methods:
-            workers.append(
-                Worker(
-                    f"reference {method}",
-                    build_reference_step,
-                    reference=args.reference,
-                    method=method,
-                    roi=args.roi,
-                    batch=args.batch,
-                )
-            )
-            for backend in args.backends:
-                workers.append(
-                    Worker(
-                        f"ours {method}/{backend}",
-                        build_step,
-                        size="B",
-                        roi=args.roi,
-                        batch=args.batch,
-                        backend=backend,
-                        method=method,
-                        channels_last=not args.contiguous,
-                        precision=args.precision,
-                        teacher_precision=args.teacher_precision,
-                    )
-                )
-        print(f"STU-Net-B, crop {args.roi}, batch {args.batch}: reference against ours ({args.backends})")
-        times = interleave(workers, args.warmup, args.repeats)
-        results = {
-            w.name: {**summarise(times[w.name]), "peak_memory_bytes": w.peak_memory()} for w in workers
-        }
-    finally:
-        for w in workers:
-            w.close()
+    configurations = []
+    for method in args.methods:
+        reference = {"reference": args.reference, "method": method, "roi": args.roi, "batch": args.batch}
+        configurations.append((f"reference {method}", build_reference_step, reference))
+        for backend in args.backends:
+            ours = {
+                "size": "B",
+                "roi": args.roi,
+                "batch": args.batch,
+                "backend": backend,
+                "method": method,
+                "channels_last": not args.contiguous,
+                "precision": args.precision,
+                "teacher_precision": args.teacher_precision,
+            }
+            configurations.append((f"ours {method}/{backend}", build_step, ours))
+    print(f"STU-Net-B, crop {args.roi}, batch {args.batch}: reference against ours ({args.backends})")
+    results = run_configurations(configurations, args.warmup, args.repeats)
 
     ratios = {}
     for method in args.methods:
@@ -242,9 +219,7 @@ def main() -> None:
                 "time_ours_over_reference": ours["median_s"] / ref["median_s"],
                 "memory_ours_over_reference": ours["peak_memory_bytes"] / ref["peak_memory_bytes"],
             }
-    print(f"\n{'configuration':<28}{'median s':>10}{'peak GB':>10}")
-    for name, r in results.items():
-        print(f"{name:<28}{r['median_s']:>10.2f}{r['peak_memory_bytes'] / 1e9:>10.2f}")
+    print_results(results)
     for method, r in ratios.items():
         print(
             f"{method}: ours / reference time {r['time_ours_over_reference']:.3f}, "

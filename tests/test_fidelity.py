@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
+from pretrain_common import TINY_STUNET, iteration_engine
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.losses import patch_scores
@@ -17,8 +17,6 @@ from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked
 from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 from anatomask_components.teacher import EMATeacher
 
-# mask unit 8^3: 64 patches on a 32^3 crop, 38 masked at ratio 0.6, 19 of them hard at r_t = 0.5
-TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
 PRETRAIN_TRAIN = (
     Path(__file__).resolve().parents[1] / "bundles" / "anatomask_pretrain" / "configs" / "train.json"
 )
@@ -26,13 +24,7 @@ PRETRAIN_TRAIN = (
 
 def tiny_model(seed: int = 0, **kwargs) -> AnatoMaskPretrainModel:
     torch.manual_seed(seed)
-    return AnatoMaskPretrainModel(**(TINY | kwargs))
-
-
-def _engine(network: nn.Module) -> SimpleNamespace:
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-    state = SimpleNamespace(device=torch.device("cpu"), iteration=1, epoch=1, epoch_length=1)
-    return SimpleNamespace(network=network, optimizer=optimizer, state=state)
+    return AnatoMaskPretrainModel(**(TINY_STUNET | kwargs))
 
 
 def _holds_teacher_choice(
@@ -63,7 +55,7 @@ def test_the_student_mask_holds_the_teachers_top_k_masked_patches(lowest, teache
         lowest=lowest,
         teacher_target=teacher_target,
     )
-    engine = _engine(student)
+    engine = iteration_engine(student)
     length = student.num_patches((32, 32, 32))
     n_masked = num_masked(length, 0.6)
     k = num_hard(n_masked, 0.5)
@@ -95,7 +87,7 @@ def test_without_hard_patches_the_teacher_is_not_asked():
     calls = []
     teacher.teacher.register_forward_hook(lambda m, args, out: calls.append(1))
     step = AnatoMaskIteration("anatomask", 0.6, teacher, HardRatioSchedule(total_epochs=10))
-    output = step(_engine(student), {"image": torch.randn(1, 1, 32, 32, 32)})
+    output = step(iteration_engine(student), {"image": torch.randn(1, 1, 32, 32, 32)})
     assert output["num_hard"] == 0 and output["hard_ratio"] == 0.0 and calls == []
 
 
@@ -115,7 +107,7 @@ def test_encoder_initialisation_is_pytorchs_default_unless_he_is_asked_for():
         assert conv.bias.abs().sum() > 0
     he = tiny_model(encoder_init="he")
     torch.manual_seed(0)
-    stunet = STUNet(1, 1, **TINY)  # nnU-Net's He initialisation, zero biases
+    stunet = STUNet(1, 1, **TINY_STUNET)  # nnU-Net's He initialisation, zero biases
     official = [m for m in stunet.conv_blocks_context.modules() if isinstance(m, nn.Conv3d)]
     for ours, theirs in zip(_encoder_convs(he), official):
         assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from monai.networks.nets import UNETR, ViT
+from pretrain_common import TINY_STUNET, iteration_engine
 
 from anatomask_components.checkpointing import atomic_save
 from anatomask_components.engines import AnatoMaskIteration
@@ -21,7 +21,6 @@ from anatomask_components.weights import VIT_INPUT_CONV_KEYS, transfer_weights
 
 # mask unit 8^3 (three stride-2 stages): 64 patches on a 32^3 crop, enough that a mask ignoring the
 # teacher contains its top-k patches only by a negligible chance
-TINY_STUNET = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
 # hidden sizes divisible by 6 (3D sin-cos position embeddings) and by the number of heads
 TINY_VIT = {
     "img_size": (32, 32, 32),
@@ -195,12 +194,6 @@ def test_vit_mae_reconstructs_from_visible_patches_only(kind):
 # the iteration
 
 
-def _engine(network: torch.nn.Module, iteration: int = 1) -> SimpleNamespace:
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-    state = SimpleNamespace(device=torch.device("cpu"), iteration=iteration, epoch=1, epoch_length=1)
-    return SimpleNamespace(network=network, optimizer=optimizer, state=state)
-
-
 @pytest.mark.parametrize("network", ["stunet", "vit"])
 def test_hpm_masks_the_teachers_top_predicted_losses_on_the_unmasked_input(network):
     # 64 patches (STU-Net) and 27 (ViT, 48^3): a mask that ignored the teacher would hold its top-k
@@ -226,7 +219,7 @@ def test_hpm_masks_the_teachers_top_predicted_losses_on_the_unmasked_input(netwo
     schedule = HardRatioSchedule(total_epochs=1, start=0.5, end=0.5)
     step = AnatoMaskIteration("hpm", ratio, teacher, schedule, predictor_loss="relative")
     x = torch.randn(2, 1, *shape)
-    engine = _engine(student)
+    engine = iteration_engine(student)
     before = {k: v.clone() for k, v in student.loss_predictor.state_dict().items()}
     output = step(engine, {"image": x})
 
@@ -251,7 +244,7 @@ def test_hpm_needs_a_loss_predictor():
     student = tiny_stunet()
     step = AnatoMaskIteration("hpm", 0.6, EMATeacher(student), HardRatioSchedule(1, 0.5, 0.5))
     with pytest.raises(ValueError, match="loss predictor"):
-        step(_engine(student), {"image": torch.randn(1, 1, 32, 32, 32)})
+        step(iteration_engine(student), {"image": torch.randn(1, 1, 32, 32, 32)})
     with pytest.raises(ValueError, match="teacher"):
         AnatoMaskIteration("hpm", 0.6)
 
@@ -263,7 +256,7 @@ def test_iteration_loss_is_the_reference_reconstruction_loss_without_a_predictor
     masks = []
     student.register_forward_pre_hook(lambda m, args: masks.append(args[1].clone()))
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    output = step(_engine(student), {"image": x})
+    output = step(iteration_engine(student), {"image": x})
     assert "predictor_loss" not in output
     reference = tiny_stunet()
     reference.load_state_dict(state)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from pretrain_common import TINY_STUNET, iteration_engine
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked, random_patch_mask
@@ -16,13 +16,12 @@ from anatomask_components.networks.sparse import SPCONV_FROM_MASKED_FRACTION
 from anatomask_components.patches import mask_to_visible_grid, patch_grid
 from anatomask_components.teacher import EMATeacher
 
-TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _setup(channels_last: bool, teacher_precision: str | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    student = AnatoMaskPretrainModel(**TINY)
+    student = AnatoMaskPretrainModel(**TINY_STUNET)
     teacher = EMATeacher(student)
     step = AnatoMaskIteration(
         "anatomask",
@@ -33,9 +32,7 @@ def _setup(channels_last: bool, teacher_precision: str | None = None, seed: int 
         teacher_precision=teacher_precision,
         seed=seed,
     )
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
-    state = SimpleNamespace(device=torch.device("cpu"), iteration=1, epoch=1, epoch_length=1, max_epochs=1)
-    return step, teacher, SimpleNamespace(network=student, optimizer=optimizer, state=state)
+    return step, teacher, iteration_engine(student, fused=True)
 
 
 def _train(channels_last: bool, iterations: int = 3):
@@ -129,8 +126,8 @@ def test_auto_backend_runs_the_faster_backend_measured_for_the_mask_ratio(ratio,
 
     assert SPCONV_FROM_MASKED_FRACTION == {"cpu": 0.75, "cuda": None}  # docs/benchmarks.md, encoder backends
     torch.manual_seed(0)
-    auto = AnatoMaskPretrainModel(**TINY, backend="auto")
-    fixed = AnatoMaskPretrainModel(**TINY, backend=expected)
+    auto = AnatoMaskPretrainModel(**TINY_STUNET, backend="auto")
+    fixed = AnatoMaskPretrainModel(**TINY_STUNET, backend=expected)
     fixed.load_state_dict(auto.state_dict())
     x = torch.randn(2, 1, 32, 32, 32)
     mask = random_patch_mask(2, auto.num_patches(x.shape[2:]), ratio, torch.Generator().manual_seed(1))
@@ -145,7 +142,7 @@ def test_auto_backend_without_spconv_stays_dense(monkeypatch):
         raise ImportError("no spconv")
 
     monkeypatch.setattr("anatomask_components.networks.sparse._SpconvBackend", missing)
-    encoder = AnatoMaskPretrainModel(**TINY, backend="auto").sparse_encoder
+    encoder = AnatoMaskPretrainModel(**TINY_STUNET, backend="auto").sparse_encoder
     visible = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
     visible[0, 0, 0, 0, :2] = True  # 97 % masked: spconv's range on a CPU
     assert encoder.resolved_backend(visible) == "dense"
