@@ -1,5 +1,8 @@
 """The sparse encoder's two backends, forward + backward, at several mask ratios, interleaved.
 
+``--forward-only`` times the forward pass alone in ``torch.inference_mode()``: what the EMA teacher
+runs.
+
 ``dense`` (masked dense convolution) computes every voxel and zeroes the masked ones; ``spconv``
 (submanifold sparse convolution) computes the visible voxels only, so it gains with the mask ratio and
 pays for its index bookkeeping. One configuration per (backend, mask ratio), each in its own process,
@@ -24,9 +27,17 @@ from anatomask_components.patches import mask_to_visible_grid, patch_grid
 
 
 def build_encoder_step(
-    size: str, roi: list[int], batch: int, backend: str, mask_ratio: float, channels_last: bool, seed: int = 0
+    size: str,
+    roi: list[int],
+    batch: int,
+    backend: str,
+    mask_ratio: float,
+    channels_last: bool,
+    forward_only: bool = False,
+    seed: int = 0,
 ):
-    """Forward + backward of the sparse encoder alone (runs in the benchmark's child process)."""
+    """Forward + backward of the sparse encoder alone, or its forward in inference mode
+    (runs in the benchmark's child process)."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AnatoMaskPretrainModel(backend=backend, **network_kwargs(size)).to(device)
@@ -47,6 +58,10 @@ def build_encoder_step(
     def step() -> None:
         visible = masks[state["i"] % len(masks)]
         state["i"] += 1
+        if forward_only:
+            with torch.inference_mode():
+                encoder(x, visible)
+            return
         encoder.zero_grad(set_to_none=True)
         features = encoder(x, visible)
         sum(f.float().square().mean() for f in features).backward()
@@ -61,6 +76,9 @@ def main() -> None:
     parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny'")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.6, 0.75, 0.9])
     parser.add_argument("--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv"])
+    parser.add_argument(
+        "--forward-only", action="store_true", help="time the forward in inference mode (the teacher's pass)"
+    )
     add_run_arguments(parser, "benchmarks/results/encoder_backends.json")
     args = parser.parse_args()
 
@@ -75,12 +93,14 @@ def main() -> None:
                 "backend": backend,
                 "mask_ratio": ratio,
                 "channels_last": not args.contiguous,
+                "forward_only": args.forward_only,
             },
         )
         for ratio in args.ratios
         for backend in args.backends
     ]
-    print(f"STU-Net-{args.size} encoder, crop {args.roi}, batch {args.batch}: forward + backward")
+    work = "forward in inference mode" if args.forward_only else "forward + backward"
+    print(f"STU-Net-{args.size} encoder, crop {args.roi}, batch {args.batch}: {work}")
     results = run_configurations(configurations, args.warmup, args.repeats)
 
     faster = {}
@@ -101,6 +121,7 @@ def main() -> None:
             "roi": args.roi,
             "batch": args.batch,
             "channels_last": not args.contiguous,
+            "forward_only": args.forward_only,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "results": results,

@@ -9,9 +9,10 @@ drop rate 0, and ``ModelEma``'s update) take its place, so that nnU-Net and timm
 Both sides run STU-Net-B with the same crop, batch and step: random mask, teacher pass on it, guided
 mask (hard ratio 0.5: the reference's last epoch), student forward and backward, gradient clipping (12),
 AdamW, EMA update; and SparK's step (random mask, no teacher). The reference step is the
-non-AMP branch of its ``pretrain_AntoMask.py`` loop, line for line; ours is the bundle's iteration
-(``benchmarks/pretrain_step.py``). Each configuration runs in its own process (peak memory of its own),
-interleaved round by round. Example (CPU, about 35 minutes):
+non-AMP branch of its ``pretrain_AntoMask.py`` loop, line for line (``--reference-precision bf16``: its
+AMP branch, with bf16 autocast on the device in place of CUDA fp16 autocast, so no grad scaler); ours
+is the bundle's iteration (``benchmarks/pretrain_step.py``). Each configuration runs in its own
+process (peak memory of its own), interleaved round by round. Example (CPU, about 35 minutes):
 
     python benchmarks/reference_step.py --reference ~/src/AnatoMask --repeats 2 \
         --out benchmarks/results/reference_step_B_cpu.json
@@ -98,8 +99,14 @@ class _LocalDDP(nn.Module):
         return self.module(*args, **kwargs)
 
 
-def build_reference_step(reference: str, method: str, roi: list[int], batch: int, seed: int = 0):
-    """The reference's step for ``method`` ``"anatomask"`` or ``"spark"`` (runs in a child process)."""
+def build_reference_step(
+    reference: str, method: str, roi: list[int], batch: int, precision: str = "fp32", seed: int = 0
+):
+    """The reference's step for ``method`` ``"anatomask"`` or ``"spark"`` (runs in a child process).
+
+    ``precision="bf16"`` wraps what the reference's AMP branch wraps (masks, teacher pass, student
+    forward and loss) in bf16 autocast; backward, clipping, AdamW and EMA stay outside, as there.
+    """
     pretrain_dir = Path(reference).expanduser() / PRETRAIN_DIR
     if not (pretrain_dir / "AnatoMask.py").is_file():
         raise FileNotFoundError(
@@ -141,7 +148,7 @@ def build_reference_step(reference: str, method: str, roi: list[int], batch: int
     inp = torch.randn(batch, 1, *roi, generator=torch.Generator().manual_seed(seed)).to(device)
     epochs, clip = 1000, 12
 
-    def step() -> None:
+    def forward():
         if method == "anatomask":
             mask1 = model.module.mask(batch, device)
             with torch.no_grad():
@@ -158,6 +165,11 @@ def build_reference_step(reference: str, method: str, roi: list[int], batch: int
             mask = model.module.mask(batch, device)
         inpp, recc = model(inp, active_b1ff=mask, vis=False)
         loss, _ = model.module.forward_loss(inpp, recc, mask)
+        return loss
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = forward()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
@@ -185,7 +197,13 @@ def main() -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="our side's precision (the reference: fp32)",
+        help="our side's precision",
+    )
+    parser.add_argument(
+        "--reference-precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="the reference's: fp32 (its default, AMP off) or bf16 (its AMP branch, bf16 autocast)",
     )
     parser.add_argument("--teacher-precision", default=None, choices=["fp32", "bf16"], help="our teacher's")
     add_run_arguments(parser, "benchmarks/results/reference_step.json", repeats=2)
@@ -194,7 +212,13 @@ def main() -> None:
     stand_in = _install_timm_stand_in()
     configurations = []
     for method in args.methods:
-        reference = {"reference": args.reference, "method": method, "roi": args.roi, "batch": args.batch}
+        reference = {
+            "reference": args.reference,
+            "method": method,
+            "roi": args.roi,
+            "batch": args.batch,
+            "precision": args.reference_precision,
+        }
         configurations.append((f"reference {method}", build_reference_step, reference))
         for backend in args.backends:
             ours = {
@@ -243,6 +267,7 @@ def main() -> None:
             "channels_last": not args.contiguous,
             "precision": args.precision,
             "teacher_precision": args.teacher_precision or args.precision,
+            "reference_precision": args.reference_precision,
             "timm": "stand-in" if stand_in else "installed",
             "warmup": args.warmup,
             "repeats": args.repeats,

@@ -336,3 +336,33 @@ def test_backends_agree_with_anisotropic_strides():
     with torch.no_grad():
         for f_d, f_s in zip(encs["dense"](x, visible), encs["spconv"](x, visible)):
             assert (f_d - f_s).abs().max() < 1e-4
+
+
+def test_masked_instance_norm_bf16_saves_bf16_and_equals_fp32_arithmetic():
+    """Under bf16 the norm keeps its one feature-sized tensor in bf16 (half the memory of an fp32 copy)
+    and computes exactly what the fp32 norm computes on the same (upcast) values."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 4, 6, 6, 6, generator=gen) * 3 + 10).bfloat16().requires_grad_()
+    mask = torch.rand(2, 1, 6, 6, 6, generator=gen) > 0.5
+    norm = nn.InstanceNorm3d(4, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, -1.5, 2.0, 1.0]))
+    upstream = torch.randn(x.shape, generator=gen).bfloat16()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = masked_instance_norm(x, mask, norm, "batch")
+    (y * upstream).sum().backward()
+    feature_sized = [t for t in saved if t.shape == x.shape]
+    assert feature_sized and all(t.dtype == torch.bfloat16 for t in feature_sized)
+
+    x32 = x.detach().float().requires_grad_()
+    y32 = masked_instance_norm(x32, mask, norm, "batch")
+    (y32 * upstream.float()).sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert torch.equal(y, y32.bfloat16())
+    assert torch.equal(x.grad, x32.grad.bfloat16())

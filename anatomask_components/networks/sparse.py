@@ -70,31 +70,34 @@ class _MaskedInstanceNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, weight, bias, eps: float, dims: tuple[int, ...]):
-        xm = x * m
+        # the masked copy is saved in the input's own dtype (exact: ``m`` is 0 or 1) and the arithmetic
+        # runs in ``weight``'s (at least fp32): under bf16 autocast the saved tensor stays bf16-sized
+        saved = x * m.to(x.dtype)
+        xm = saved.to(weight.dtype)
         count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
         mean = xm.sum(dim=dims, keepdim=True) / count
-        centred = (x - mean).mul_(m)
+        centred = (xm - mean).mul_(m)
         var = centred.square_().sum(dim=dims, keepdim=True) / count
         del centred
         rstd = torch.rsqrt(var + eps)
         scale = rstd * weight.view(1, -1, 1, 1, 1)
         shift = bias.view(1, -1, 1, 1, 1) - mean * scale
-        ctx.save_for_backward(xm, m, mean, rstd, weight, count)
+        ctx.save_for_backward(saved, m, mean, rstd, weight, count)
         ctx.dims = dims
-        return torch.addcmul(shift, xm, scale).mul_(m)
+        return torch.addcmul(shift, xm, scale).mul_(m).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         xm, m, mean, rstd, weight, count = ctx.saved_tensors
         dims = ctx.dims
-        g = grad_out * m
-        x_hat = (xm - mean).mul_(rstd)
+        g = grad_out.to(weight.dtype) * m
+        x_hat = (xm.to(weight.dtype) - mean).mul_(rstd)
         sum_g = g.sum(dim=dims, keepdim=True)
         sum_g_xhat = (g * x_hat).sum(dim=dims, keepdim=True)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g.sub_(sum_g / count).sub_(x_hat.mul_(sum_g_xhat / count))
-            grad_x.mul_(rstd * weight.view(1, -1, 1, 1, 1)).mul_(m)
+            grad_x = grad_x.mul_(rstd * weight.view(1, -1, 1, 1, 1)).mul_(m).to(xm.dtype)
         channel_sums = (0, 2, 3, 4)
         grad_w = sum_g_xhat.sum(dim=channel_sums).view(-1) if ctx.needs_input_grad[2] else None
         grad_b = sum_g.sum(dim=channel_sums).view(-1) if ctx.needs_input_grad[3] else None
@@ -126,8 +129,7 @@ def masked_instance_norm(
     else:
         weight = torch.ones(x.shape[1], dtype=dtype, device=x.device)
         bias = torch.zeros_like(weight)
-    y = _MaskedInstanceNorm.apply(x.to(dtype), mask.to(dtype), weight, bias, norm.eps, dims)
-    return y.to(x.dtype)
+    return _MaskedInstanceNorm.apply(x, mask.to(dtype), weight, bias, norm.eps, dims)
 
 
 class STUNetEncoder(nn.Module):
