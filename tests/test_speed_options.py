@@ -120,11 +120,25 @@ def test_the_per_sample_mask_loop_of_the_benchmark_chooses_what_the_generator_ch
     assert not torch.equal(loop, fast)  # the random rest differs: two random sources
 
 
-@pytest.mark.parametrize(("ratio", "expected"), [(0.6, "dense"), (0.75, "spconv"), (0.9, "spconv")])
-def test_auto_backend_runs_the_faster_backend_measured_for_the_mask_ratio(ratio, expected):
+@pytest.mark.parametrize(
+    ("ratio", "grad", "expected"),
+    [
+        (0.6, True, "dense"),
+        (0.75, True, "spconv"),
+        (0.9, True, "spconv"),
+        (0.75, False, "dense"),  # the teacher's pass: spconv gains mostly in the backward
+        (0.8, False, "dense"),
+        (0.9, False, "spconv"),
+    ],
+)
+def test_auto_backend_runs_the_faster_backend_measured_for_the_pass_and_mask_ratio(ratio, grad, expected):
     pytest.importorskip("spconv")
 
-    assert SPCONV_FROM_MASKED_FRACTION == {"cpu": 0.75, "cuda": None}  # docs/benchmarks.md, encoder backends
+    # docs/benchmarks.md, encoder backends (forward + backward, and forward only)
+    assert SPCONV_FROM_MASKED_FRACTION == {
+        "cpu": {"train": 0.75, "inference": 0.9},
+        "cuda": {"train": None, "inference": None},
+    }
     torch.manual_seed(0)
     auto = AnatoMaskPretrainModel(**TINY_STUNET, backend="auto")
     fixed = AnatoMaskPretrainModel(**TINY_STUNET, backend=expected)
@@ -132,8 +146,8 @@ def test_auto_backend_runs_the_faster_backend_measured_for_the_mask_ratio(ratio,
     x = torch.randn(2, 1, 32, 32, 32)
     mask = random_patch_mask(2, auto.num_patches(x.shape[2:]), ratio, torch.Generator().manual_seed(1))
     visible = mask_to_visible_grid(mask, patch_grid(x.shape[2:], auto.patch_size))
-    assert auto.sparse_encoder.resolved_backend(visible) == expected
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
+        assert auto.sparse_encoder.resolved_backend(visible) == expected
         assert torch.equal(auto(x, mask), fixed(x, mask))  # the very computation of the chosen backend
 
 

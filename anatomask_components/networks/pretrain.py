@@ -36,9 +36,9 @@ class AnatoMaskPretrainModel(nn.Module):
         num_stages: encoder stages to pretrain: 5 (reference, total stride 16) or all 6.
         decoder: ``"hierarchical"`` (SparK's LightDecoder fed by 4 densified levels) or ``"simple"``
             (two conv blocks on the deepest features, paper Table 1).
-        backend: sparse encoder backend, ``"auto"`` (per call, the faster for the device and masked
-            fraction: :data:`~anatomask_components.networks.sparse.SPCONV_FROM_MASKED_FRACTION`), ``"dense"``
-            (masked dense convolutions) or ``"spconv"``.
+        backend: sparse encoder backend, ``"auto"`` (per call, the faster for the device, the pass and the
+            masked fraction: :data:`~anatomask_components.networks.sparse.SPCONV_FROM_MASKED_FRACTION`),
+            ``"dense"`` (masked dense convolutions) or ``"spconv"``.
         norm_pooling: sparse instance-norm statistics over the batch (reference) or per ``"sample"``.
         hierarchy: number of densified levels fed to the hierarchical decoder.
         encoder_init: ``"pytorch"`` keeps PyTorch's default initialisation of the encoder convolutions

@@ -7,7 +7,8 @@ names under ``sp_cnn.``) on only the visible voxels. Two interchangeable backend
   at its resolution, so masked positions stay exactly zero. Fast on GPUs, any device.
 - ``"spconv"``: real submanifold sparse convolution with `spconv`; stride-1 convolutions are
   submanifold convolutions, strided ones are sparse convolutions restricted to the visible sites.
-- ``"auto"``: per call, the one measured faster on the input's device at the call's masked fraction
+- ``"auto"``: per call, the one measured faster on the input's device, for the call's pass (training,
+  or a forward without autograd such as the EMA teacher's) and masked fraction
   (:data:`SPCONV_FROM_MASKED_FRACTION`); masked dense wherever spconv is not installed.
 
 Both give the same features on visible voxels up to floating-point error. The visibility mask is an
@@ -37,10 +38,16 @@ __all__ = [
 NormPooling = Literal["batch", "sample"]
 Backend = Literal["dense", "spconv", "auto"]
 LEAKY_SLOPE = 0.01
-# The "auto" backend's rule, per device type: the smallest masked fraction from which spconv was measured
-# faster than masked dense convolution (benchmarks/encoder_backends.py, docs/benchmarks.md; CPU: dense
-# faster at 0.6, spconv at 0.75 and 0.9). None: not measured faster anywhere, masked dense throughout.
-SPCONV_FROM_MASKED_FRACTION: dict[str, float | None] = {"cpu": 0.75, "cuda": None}
+# The "auto" backend's rule, per device type and pass ("train": forward and backward, as the student runs;
+# "inference": forward without autograd, as the EMA teacher runs): the smallest masked fraction from which
+# spconv was measured faster than masked dense convolution (benchmarks/encoder_backends.py, with
+# --forward-only for "inference"; docs/benchmarks.md). CPU training: dense at 0.6, spconv at 0.75 and 0.9;
+# CPU inference: dense up to 0.8, spconv at 0.9 and 0.95 (spconv's gain is mostly in the backward).
+# None: not measured faster anywhere, masked dense throughout.
+SPCONV_FROM_MASKED_FRACTION: dict[str, dict[str, float | None]] = {
+    "cpu": {"train": 0.75, "inference": 0.9},
+    "cuda": {"train": None, "inference": None},
+}
 
 
 def upsample_patch_mask(active: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
@@ -351,10 +358,12 @@ class SparseSTUNetEncoder(nn.Module):
         self._backend_name = name
 
     def resolved_backend(self, visible: torch.Tensor) -> str:
-        """The backend a call with this patch mask runs: the fixed one, or the choice of ``"auto"``."""
+        """The backend a call with this patch mask runs: the fixed one, or the choice of ``"auto"`` for the
+        device, the pass (autograd on or off) and the masked fraction."""
         if self._backend_name != "auto":
             return self._backend_name
-        threshold = SPCONV_FROM_MASKED_FRACTION.get(visible.device.type)
+        rules = SPCONV_FROM_MASKED_FRACTION.get(visible.device.type, {})
+        threshold = rules.get("train" if torch.is_grad_enabled() else "inference")
         if threshold is None or 1.0 - float(visible.float().mean()) < threshold - 1e-9:
             return "dense"
         if "spconv" not in self._backends:
