@@ -42,7 +42,7 @@ LEAKY_SLOPE = 0.01
 # "inference": forward without autograd, as the EMA teacher runs): the smallest masked fraction from which
 # spconv was measured faster than masked dense convolution (benchmarks/encoder_backends.py, with
 # --forward-only for "inference"; docs/benchmarks.md). CPU training: dense at 0.6, spconv at 0.75 and 0.9;
-# CPU inference: dense up to 0.8, spconv at 0.9 and 0.95 (spconv's gain is mostly in the backward).
+# CPU inference: dense at 0.6 and 0.75, level at 0.8, spconv at 0.9 (spconv gains mostly in the backward).
 # None: not measured faster anywhere, masked dense throughout.
 SPCONV_FROM_MASKED_FRACTION: dict[str, dict[str, float | None]] = {
     "cpu": {"train": 0.75, "inference": 0.9},
