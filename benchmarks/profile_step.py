@@ -42,12 +42,19 @@ def main() -> None:
     parser.add_argument("--backend", default="dense", choices=["dense", "spconv"])
     parser.add_argument("--method", default="anatomask", choices=list(MODES))
     parser.add_argument("--contiguous", action="store_true")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--top", type=int, default=15, help="operators to list")
     parser.add_argument("--out", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()
 
     step = build_step(
-        args.size, args.roi, args.batch, args.backend, args.method, channels_last=not args.contiguous
+        args.size,
+        args.roi,
+        args.batch,
+        args.backend,
+        args.method,
+        channels_last=not args.contiguous,
+        precision=args.precision,
     )
     step()  # warm-up: allocator, oneDNN primitives
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -73,7 +80,10 @@ def main() -> None:
     )[: args.top]
     top = [{"operator": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in operators]
 
-    print(f"one {args.method} step of STU-Net-{args.size} ({args.backend}), {total:.2f} s under the profiler")
+    print(
+        f"one {args.method} step of STU-Net-{args.size} ({args.backend}, {args.precision}), "
+        f"{total:.2f} s under the profiler"
+    )
     for name, seconds in phases.items():
         print(f"  {name:<28}{seconds:>8.2f} s  {100 * seconds / total:5.1f} %")
     rate = flops / plain / 1e9
@@ -92,6 +102,7 @@ def main() -> None:
             "backend": args.backend,
             "method": args.method,
             "channels_last": not args.contiguous,
+            "precision": args.precision,
             "profiled_step_s": total,
             "step_s": plain,
             "flops": flops,

@@ -366,3 +366,13 @@ def test_masked_instance_norm_bf16_saves_bf16_and_equals_fp32_arithmetic():
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert torch.equal(y, y32.bfloat16())
     assert torch.equal(x.grad, x32.grad.bfloat16())
+
+
+def test_dense_backend_keeps_autocast_dtype():
+    """Under bf16 autocast every feature map stays bf16: an fp32 mask multiplied into a convolution's
+    bf16 output must not promote the stage outputs (and every later convolution's input) to fp32."""
+    enc = encoders(tiny_stunet(), "batch", backends=("dense",))["dense"]
+    visible = random_visible(1, (2, 2, 3), seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = enc(torch.randn(1, 1, 32, 32, 48), visible)
+    assert [f.dtype for f in feats] == [torch.bfloat16] * len(feats)
