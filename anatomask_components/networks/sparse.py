@@ -77,13 +77,13 @@ class _MaskedInstanceNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, weight, bias, eps: float, dims: tuple[int, ...]):
-        # the masked copy is kept in the input's own dtype (exact: ``m`` is 0 or 1); every operation reads
-        # it there and computes in ``weight``'s dtype (at least fp32) by type promotion, and the output is
-        # rounded once on store: under bf16 autocast no fp32 copy of a feature map is made or saved
+        # the masked copy is saved in the input's own dtype (exact: ``m`` is 0 or 1) and the arithmetic
+        # runs in ``weight``'s (at least fp32): under bf16 autocast the saved tensor stays bf16-sized
         saved = x * m.to(x.dtype)
+        xm = saved.to(weight.dtype)
         count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
-        mean = saved.sum(dim=dims, keepdim=True, dtype=weight.dtype) / count
-        centred = (saved - mean).mul_(m)
+        mean = xm.sum(dim=dims, keepdim=True) / count
+        centred = (xm - mean).mul_(m)
         var = centred.square_().sum(dim=dims, keepdim=True) / count
         del centred
         rstd = torch.rsqrt(var + eps)
@@ -91,23 +91,20 @@ class _MaskedInstanceNorm(torch.autograd.Function):
         shift = bias.view(1, -1, 1, 1, 1) - mean * scale
         ctx.save_for_backward(saved, m, mean, rstd, weight, count)
         ctx.dims = dims
-        return torch.addcmul(shift, saved, scale, out=torch.empty_like(saved)).mul_(m)
+        return torch.addcmul(shift, xm, scale).mul_(m).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         xm, m, mean, rstd, weight, count = ctx.saved_tensors
         dims = ctx.dims
-        g = grad_out * m
-        x_hat = (xm - mean).mul_(rstd)
+        g = grad_out.to(weight.dtype) * m
+        x_hat = (xm.to(weight.dtype) - mean).mul_(rstd)
         sum_g = g.sum(dim=dims, keepdim=True)
         sum_g_xhat = (g * x_hat).sum(dim=dims, keepdim=True)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g.sub_(sum_g / count).sub_(x_hat.mul_(sum_g_xhat / count))
-            grad_x = grad_x.mul_(rstd * weight.view(1, -1, 1, 1, 1))
-            # in place where the dtypes agree; rounded once on store where the input was reduced precision
-            same = grad_x.dtype == xm.dtype
-            grad_x = grad_x.mul_(m) if same else torch.mul(grad_x, m, out=torch.empty_like(xm))
+            grad_x = grad_x.mul_(rstd * weight.view(1, -1, 1, 1, 1)).mul_(m).to(xm.dtype)
         channel_sums = (0, 2, 3, 4)
         grad_w = sum_g_xhat.sum(dim=channel_sums).view(-1) if ctx.needs_input_grad[2] else None
         grad_b = sum_g.sum(dim=channel_sums).view(-1) if ctx.needs_input_grad[3] else None
