@@ -25,15 +25,21 @@ from typing import Any
 import torch
 
 __all__ = [
+    "METHODS",
     "Worker",
     "add_run_arguments",
     "device_description",
     "interleave",
     "print_results",
     "run_configurations",
+    "step_options",
     "summarise",
     "write_report",
 ]
+
+
+# the step benchmarks' methods and the masking each runs (no import of the package here: see versions_step.py)
+METHODS = {"spark": "random", "anatomask": "anatomask"}
 
 
 def device_description() -> str:
@@ -177,6 +183,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: str, repeats: int = 
         "--contiguous", action="store_true", help="contiguous memory format instead of channels-last"
     )
     parser.add_argument("--out", default=out, help="JSON file for the figures")
+
+
+def step_options(args: argparse.Namespace, backend: str, method: str, **fixed: Any) -> dict[str, Any]:
+    """``pretrain_step.build_step``'s keyword arguments from a benchmark's parsed options: crop, batch and
+    memory format (``add_run_arguments``), ``--size``, and whichever of ``--precision``,
+    ``--teacher-precision``, ``--compile`` and ``--mask-ratio`` the benchmark defines; ``fixed`` wins."""
+    options = {
+        "size": getattr(args, "size", None),
+        "roi": args.roi,
+        "batch": args.batch,
+        "backend": backend,
+        "method": method,
+        "channels_last": not args.contiguous,
+    }
+    for name in ("precision", "teacher_precision", "compile", "mask_ratio"):
+        if hasattr(args, name):
+            options[name] = getattr(args, name)
+    return {**options, **fixed}
 
 
 def summarise(times: list[float]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import inspect
 from types import SimpleNamespace
 
 import torch
-from common import add_run_arguments, print_results, run_configurations, write_report
+from common import METHODS, add_run_arguments, print_results, run_configurations, step_options, write_report
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
@@ -27,7 +27,6 @@ from anatomask_components.optim import parameter_groups
 from anatomask_components.teacher import EMATeacher
 
 TINY = {"depths": [1, 1, 1, 1, 1], "dims": [8, 16, 32, 64, 64]}
-MODES = {"spark": "random", "anatomask": "anatomask"}
 
 
 def network_kwargs(size: str) -> dict:
@@ -63,7 +62,7 @@ def build_step(
     # options an older version of the package lacks are left out, so that it can be timed too (before/after)
     accepted = inspect.signature(AnatoMaskIteration).parameters
     iteration = AnatoMaskIteration(
-        masking=MODES[method],
+        masking=METHODS[method],
         mask_ratio=mask_ratio,
         teacher=teacher,
         schedule=HardRatioSchedule(total_epochs=1, start=0.5, end=0.5) if teacher else None,
@@ -94,7 +93,7 @@ def main() -> None:
         "--backends", nargs="+", default=["dense", "spconv"], choices=["dense", "spconv", "auto"]
     )
     parser.add_argument("--mask-ratio", type=float, default=0.6)
-    parser.add_argument("--methods", nargs="+", default=["spark", "anatomask"], choices=list(MODES))
+    parser.add_argument("--methods", nargs="+", default=["spark", "anatomask"], choices=list(METHODS))
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--teacher-precision", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the student")
@@ -102,22 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     configurations = [
-        (
-            f"{method}/{backend}",
-            build_step,
-            {
-                "size": args.size,
-                "roi": args.roi,
-                "batch": args.batch,
-                "backend": backend,
-                "method": method,
-                "channels_last": not args.contiguous,
-                "precision": args.precision,
-                "teacher_precision": args.teacher_precision,
-                "compile": args.compile,
-                "mask_ratio": args.mask_ratio,
-            },
-        )
+        (f"{method}/{backend}", build_step, step_options(args, backend, method))
         for backend in args.backends
         for method in args.methods
     ]

@@ -18,8 +18,8 @@ import argparse
 import time
 
 import torch
-from common import write_report
-from pretrain_step import MODES, build_step
+from common import METHODS, step_options, write_report
+from pretrain_step import build_step
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,22 +40,15 @@ def main() -> None:
     parser.add_argument("--roi", type=int, nargs=3, default=[112, 112, 128])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backend", default="dense", choices=["dense", "spconv"])
-    parser.add_argument("--method", default="anatomask", choices=list(MODES))
+    parser.add_argument("--method", default="anatomask", choices=list(METHODS))
     parser.add_argument("--contiguous", action="store_true")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--top", type=int, default=15, help="operators to list")
     parser.add_argument("--out", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()
 
-    step = build_step(
-        args.size,
-        args.roi,
-        args.batch,
-        args.backend,
-        args.method,
-        channels_last=not args.contiguous,
-        precision=args.precision,
-    )
+    options = step_options(args, args.backend, args.method)
+    step = build_step(**options)
     step()  # warm-up: allocator, oneDNN primitives
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     start = time.perf_counter()
@@ -96,13 +89,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "profile_step",
-            "size": args.size,
-            "roi": args.roi,
-            "batch": args.batch,
-            "backend": args.backend,
-            "method": args.method,
-            "channels_last": not args.contiguous,
-            "precision": args.precision,
+            **options,
             "profiled_step_s": total,
             "step_s": plain,
             "flops": flops,

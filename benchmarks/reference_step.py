@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from common import add_run_arguments, print_results, run_configurations, write_report
+from common import add_run_arguments, print_results, run_configurations, step_options, write_report
 from pretrain_step import build_step
 
 PRETRAIN_DIR = Path("nnunetv2/training/nnUNetTrainer/variants/pretrain")
@@ -221,16 +221,7 @@ def main() -> None:
         }
         configurations.append((f"reference {method}", build_reference_step, reference))
         for backend in args.backends:
-            ours = {
-                "size": "B",
-                "roi": args.roi,
-                "batch": args.batch,
-                "backend": backend,
-                "method": method,
-                "channels_last": not args.contiguous,
-                "precision": args.precision,
-                "teacher_precision": args.teacher_precision,
-            }
+            ours = step_options(args, backend, method, size="B")
             configurations.append((f"ours {method}/{backend}", build_step, ours))
     print(f"STU-Net-B, crop {args.roi}, batch {args.batch}: reference against ours ({args.backends})")
     results = run_configurations(configurations, args.warmup, args.repeats)

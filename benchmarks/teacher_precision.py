@@ -66,11 +66,8 @@ def hard_patches(
     device = x.device
     start = time.perf_counter()
     with torch.inference_mode():
-        if precision == "fp32":
+        with torch.autocast(device.type, dtype=DTYPES.get(precision), enabled=precision in DTYPES):
             reconstruction = network(x, m0)
-        else:
-            with torch.autocast(device.type, dtype=DTYPES[precision]):
-                reconstruction = network(x, m0)
         scores = patch_scores(reconstruction.float(), x, network.patch_size).masked_fill(~m0, float("-inf"))
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import add_run_arguments, print_results, run_configurations, write_report
+from common import METHODS, add_run_arguments, print_results, run_configurations, step_options, write_report
 
 
 def build_versioned_step(checkout: str, **step_options):
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="checkout of the older package (repository root)")
     parser.add_argument("--after", default=".", help="checkout of the newer package (default: here)")
     parser.add_argument("--size", default="B", help="STU-Net preset S, B, L, H, or 'tiny'")
-    parser.add_argument("--method", default="anatomask", choices=["anatomask", "spark", "hpm"])
+    parser.add_argument("--method", default="anatomask", choices=list(METHODS))
     parser.add_argument("--backend", default="dense", choices=["dense", "spconv", "auto"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     add_run_arguments(parser, "benchmarks/results/versions_step.json")
@@ -53,15 +53,7 @@ def main() -> None:
     for name, path in checkouts.items():
         if not (Path(path) / "anatomask_components" / "__init__.py").is_file():
             raise SystemExit(f"--{name} {path}: no anatomask_components package there")
-    step = {
-        "size": args.size,
-        "roi": args.roi,
-        "batch": args.batch,
-        "backend": args.backend,
-        "method": args.method,
-        "channels_last": not args.contiguous,
-        "precision": args.precision,
-    }
+    step = step_options(args, args.backend, args.method)
     configurations = [
         (name, build_versioned_step, {"checkout": path, **step}) for name, path in checkouts.items()
     ]

@@ -1,10 +1,14 @@
-"""Shared pieces of the pretraining tests: a tiny STU-Net and a stand-in engine for AnatoMaskIteration."""
+"""Shared pieces of the pretraining tests: a tiny STU-Net, an AnatoMask step and a stand-in engine for it."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import torch
+
+from anatomask_components.engines import AnatoMaskIteration
+from anatomask_components.masking import HardRatioSchedule
+from anatomask_components.teacher import EMATeacher
 
 # mask unit 8^3: 64 patches on a 32^3 crop, 38 masked at ratio 0.6, 19 of them hard at r_t = 0.5
 TINY_STUNET = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
@@ -17,3 +21,11 @@ def iteration_engine(network: torch.nn.Module, iteration: int = 1, fused: bool =
         device=torch.device("cpu"), iteration=iteration, epoch=1, epoch_length=1, max_epochs=1
     )
     return SimpleNamespace(network=network, optimizer=optimizer, state=state)
+
+
+def guided_iteration(teacher: EMATeacher, **options) -> AnatoMaskIteration:
+    """AnatoMask masking at ratio 0.6 with the hard ratio held at 0.5 (on ``TINY_STUNET``'s 32^3 crop: 19 of
+    the 38 masked patches chosen by the teacher); ``options`` go to ``AnatoMaskIteration``."""
+    return AnatoMaskIteration(
+        "anatomask", 0.6, teacher, HardRatioSchedule(total_epochs=1, start=0.5, end=0.5), **options
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from pretrain_common import TINY_STUNET, iteration_engine
+from pretrain_common import TINY_STUNET, guided_iteration, iteration_engine
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.losses import patch_scores
@@ -47,14 +47,7 @@ def test_the_student_mask_holds_the_teachers_top_k_masked_patches(lowest, teache
         lambda m, args, out: seen.append({"teacher_mask": args[1].clone(), "reconstruction": out.detach()})
     )
     student.register_forward_pre_hook(lambda m, args: seen[-1].__setitem__("student_mask", args[1].clone()))
-    step = AnatoMaskIteration(
-        "anatomask",
-        0.6,
-        teacher,
-        HardRatioSchedule(total_epochs=1, start=0.5, end=0.5),
-        lowest=lowest,
-        teacher_target=teacher_target,
-    )
+    step = guided_iteration(teacher, lowest=lowest, teacher_target=teacher_target)
     engine = iteration_engine(student)
     length = student.num_patches((32, 32, 32))
     n_masked = num_masked(length, 0.6)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_common import TINY_STUNET, iteration_engine
+from pretrain_common import TINY_STUNET, guided_iteration, iteration_engine
 
 from anatomask_components.engines import AnatoMaskIteration
-from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked, random_patch_mask
+from anatomask_components.masking import num_hard, num_masked, random_patch_mask
 from anatomask_components.networks import AnatoMaskPretrainModel
 from anatomask_components.networks.sparse import SPCONV_FROM_MASKED_FRACTION
 from anatomask_components.patches import mask_to_visible_grid, patch_grid
@@ -23,14 +23,8 @@ def _setup(channels_last: bool, teacher_precision: str | None = None, seed: int 
     torch.manual_seed(seed)
     student = AnatoMaskPretrainModel(**TINY_STUNET)
     teacher = EMATeacher(student)
-    step = AnatoMaskIteration(
-        "anatomask",
-        0.6,
-        teacher,
-        HardRatioSchedule(total_epochs=1, start=0.5, end=0.5),
-        channels_last=channels_last,
-        teacher_precision=teacher_precision,
-        seed=seed,
+    step = guided_iteration(
+        teacher, channels_last=channels_last, teacher_precision=teacher_precision, seed=seed
     )
     return step, teacher, iteration_engine(student, fused=True)
 
