@@ -173,6 +173,27 @@ def _bundle_entries(bundle_dir: Path) -> dict[str, bytes]:
     return entries
 
 
+def _fingerprint_entries(name: str, weights: Path, entries: Mapping[str, bytes]) -> dict[str, bytes]:
+    """``models/fingerprint.json`` and ``configs/inference.json`` holding the weights' fingerprint."""
+    from anatomask_components.data.fingerprint import FINGERPRINT_FILE, model_fingerprint, needs_fingerprint
+
+    inference = json.loads(entries["configs/inference.json"])
+    if not needs_fingerprint(inference.get("normalization", "zscore")):
+        return {}
+    fingerprint = model_fingerprint(inference.get("fingerprint"), weights)
+    if fingerprint is None:
+        raise ValueError(
+            f"{weights}: {name} normalises CT with the training data's fingerprint, and there is no "
+            f"{FINGERPRINT_FILE} beside the weights (training writes it next to models/model.pt); copy it "
+            "there, or pass it in configs/inference.json"
+        )
+    inference["fingerprint"] = fingerprint
+    return {
+        "configs/inference.json": (json.dumps(inference, indent=4) + "\n").encode(),
+        f"models/{FINGERPRINT_FILE}": (json.dumps(fingerprint, indent=4) + "\n").encode(),
+    }
+
+
 def _zip_info(name: str, compress_type: int) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
     info.external_attr = 0o644 << 16
@@ -189,19 +210,24 @@ def export_bundle(
 
     The zip holds one folder named after the bundle: ``configs/`` (rewritten, see :func:`exported_config`
     and :func:`exported_metadata`), ``docs/``, ``LICENSE``, ``large_files.yml`` as in the repository,
-    ``scripts/`` (:func:`exported_package`) and, with ``weights``, ``models/model.pt``.
+    ``scripts/`` (:func:`exported_package`) and, with ``weights``, ``models/model.pt`` and the intensity
+    fingerprint the model was trained with (``fingerprint.json`` beside the weights, as training writes it),
+    both as ``models/fingerprint.json`` and in ``configs/inference.json``, so that the archive and MONAI
+    Label normalise CT exactly as training did.
 
     Args:
         name: one of :data:`BUNDLE_NAMES`.
         out: the zip file to write.
         weights: a flat state dict of the bundle's ``network_def``, stored as ``models/model.pt``. Without
             it the archive has no weights; ``large_files.yml`` lists published ones.
+            A bundle that normalises CT with the dataset fingerprint needs ``fingerprint.json`` beside it.
 
     Returns:
         the written archive.
 
     Raises:
-        ValueError: an unknown bundle, or weights that are not a flat state dict.
+        ValueError: an unknown bundle, weights that are not a flat state dict, or weights without the
+            fingerprint their bundle's normalisation needs.
         FileNotFoundError: the weights file is missing, or the repository's ``bundles/`` (the package is
             not installed from a checkout).
     """
@@ -224,6 +250,8 @@ def export_bundle(
                 "into the network directly); save network.state_dict() alone, not a training checkpoint."
             )
     entries = {**_bundle_entries(bundle_dir), **{k: v.encode() for k, v in exported_package().items()}}
+    if weights is not None:
+        entries.update(_fingerprint_entries(name, Path(weights), entries))
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,12 @@
-"""Data pipeline throughput: first-epoch cost per scan and cached pretraining crops per second.
+"""Data pipeline throughput: first-epoch cost per scan, cached pretraining crops per second, and the cost per
+crop of each fine-tuning augmentation.
 
 First epoch: per scan, the seconds to load + reorient + resample + normalise + write the cache (plus one
 crop). Later epochs: 112 x 112 x 128 pretraining crops per second from the cache through a DataLoader.
+With ``--augmentation-datalist`` (labelled items, e.g. ``examples/datalists/flare22.json``): the fine-tuning
+pipeline's random part (crop, nnU-Net's augmentation) on preprocessed volumes held in memory, one thread,
+each augmentation alone at probability 1, none, and the bundle defaults, timed in interleaved rounds;
+reported as milliseconds per crop (median) and the extra cost of each augmentation over none.
 Uses the real example CT if a datalist is given (``anatomask fetch-examples --dest DIR`` writes
 ``DIR/datalists/pretrain.json``), otherwise synthetic phantoms. Prints and writes JSON. Example:
     python benchmarks/data_pipeline.py --datalist examples/datalists/pretrain.json \
@@ -22,9 +27,60 @@ from pathlib import Path
 import torch
 from monai.data import DataLoader
 
+from anatomask_components.data.augmentation import NNUNET_AUGMENTATION, resolve_augmentation
 from anatomask_components.data.datasets import CachedScanDataset
+from anatomask_components.data.fingerprint import compute_fingerprint
 from anatomask_components.data.phantoms import write_phantom_dataset
-from anatomask_components.data.preprocessing import pretrain_transforms
+from anatomask_components.data.preprocessing import finetune_train_transforms, pretrain_transforms
+
+
+def augmentation_costs(datalist: str, roi: list[int], rounds: int, crops_per_round: int) -> dict:
+    """Milliseconds per fine-tuning crop for each augmentation alone (p = 1), none and the defaults."""
+    items = [dict(item) for item in json.loads(Path(datalist).read_text())["training"]]
+    fingerprint = compute_fingerprint({"training": items}, sections=("training",), progress=False)
+    variants = {"none": resolve_augmentation("none"), "defaults": resolve_augmentation(None)}
+    for key in NNUNET_AUGMENTATION:
+        if key.endswith("_prob"):
+            variants[key] = {**resolve_augmentation("none"), key: 1.0}
+    variants["border_fraction"] = {**resolve_augmentation("none"), "border_fraction": 0.25}
+    pipelines = {
+        name: finetune_train_transforms(
+            roi_size=tuple(roi), normalization="ct", fingerprint=fingerprint, num_classes=14, num_samples=1,
+            augmentation=settings,
+        )
+        for name, settings in variants.items()
+    }  # fmt: skip
+    first = next(iter(pipelines.values()))
+    split = next(i for i, t in enumerate(first.transforms) if type(t).__name__ == "SpatialPadd")
+    volumes = [_apply(first.transforms[:split], item) for item in items]
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
+    for round_index in range(rounds):
+        for name, pipeline in pipelines.items():  # interleaved: every variant once per round
+            random_part = pipeline.transforms[split:]
+            start = time.perf_counter()
+            for i in range(crops_per_round):
+                _apply(random_part, dict(volumes[i % len(volumes)]), seed=round_index * 1000 + i)
+            times[name].append((time.perf_counter() - start) / crops_per_round * 1000.0)
+        print(f"[augmentation] round {round_index + 1}/{rounds}", flush=True)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "datalist": datalist,
+        "roi": roi,
+        "rounds": rounds,
+        "crops_per_round": crops_per_round,
+        "ms_per_crop": {name: round(value, 2) for name, value in medians.items()},
+        "extra_ms_over_none": {name: round(value - medians["none"], 2) for name, value in medians.items()},
+        "defaults_crops_per_second_one_thread": round(1000.0 / medians["defaults"], 2),
+    }
+
+
+def _apply(transforms, data, seed: int = 0):
+    from monai.transforms import Compose
+
+    compose = Compose(list(transforms))
+    compose.set_random_state(seed=seed)
+    out = compose(data)
+    return out[0] if isinstance(out, list) else out
 
 
 def _items(datalist: str | None, workdir: Path) -> tuple[list[dict], str]:
@@ -61,6 +117,12 @@ def main() -> None:
         default=None,
         help="a step benchmark's JSON: compare the crop rate with the fastest AnatoMask step's crop rate",
     )
+    parser.add_argument(
+        "--augmentation-datalist",
+        default=None,
+        help="labelled datalist: also time each fine-tuning augmentation per crop (--roi, --rounds)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the augmentation timing")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker; the workers provide the parallelism
@@ -101,6 +163,10 @@ def main() -> None:
         "cache_megabytes_per_scan": round(cache_mb, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
+    if args.augmentation_datalist:
+        figures["finetune_augmentation"] = augmentation_costs(
+            args.augmentation_datalist, args.roi, args.rounds, 4
+        )
     if args.step_json:
         step = json.loads(Path(args.step_json).read_text(encoding="utf-8"))
         step_s = min(r["median_s"] for name, r in step["results"].items() if "anatomask" in name)
@@ -111,6 +177,11 @@ def main() -> None:
         figures["pipeline_over_step_rate"] = round(
             figures["cached_crops_per_second"] / step_crops_per_second, 1
         )
+        if "finetune_augmentation" in figures:
+            rate = figures["finetune_augmentation"]["defaults_crops_per_second_one_thread"]
+            figures["finetune_augmentation"]["one_thread_over_step_rate"] = round(
+                rate / step_crops_per_second, 1
+            )
     print(json.dumps(figures, indent=4))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -184,3 +184,33 @@ def test_quick_demo_report_has_every_figure_and_a_row_per_organ_of_case_c(demo_o
         (label_map,) = stages[f"infer_{init}"]["outputs"]["label_maps"]
         assert nib.load(label_map).shape == dicom_shape
         assert (demo_output / f"finetune_{init}" / "models" / "model.pt").is_file()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_quick_demo_segments_the_liver_of_the_unseen_case_c(demo_output):
+    """The fine-tuned models segment case C, which none was trained on: the best initialisation's liver DSC
+    (evaluate.json, in the series' own geometry) is above zero, and the report says so with its curve."""
+    results = json.loads((demo_output / "results.json").read_text())
+    stages = {s["name"]: s for s in results["stages"]}
+    liver = {
+        init: json.loads(Path(stages[f"evaluate_{init}"]["outputs"]["summary"]).read_text())["classes"][
+            "liver"
+        ]
+        for init in ("scratch", "spark", "anatomask")
+    }
+    assert max(entry["dsc"]["mean"] or 0.0 for entry in liver.values()) > 0.0, liver
+    markdown = (demo_output / "report.md").read_text()
+    assert "Best initialisation on case C" in markdown and "do not fit even the training case" not in markdown
+    curves = results["curves"]["runs"]
+    settings = DemoSettings.preset(quick=True, seed=results["seed"])
+    for init in ("scratch", "spark", "anatomask"):
+        every = settings.curve_every_epochs
+        assert [p["iteration"] for p in curves[init]] == [
+            settings.iterations_per_epoch * e for e in range(every, settings.finetune_epochs + 1, every)
+        ]
+    # every run normalised CT with the pretraining set's fingerprint, and its inference.json holds it
+    pretraining = json.loads((demo_output / "pretrain_anatomask" / "models" / "fingerprint.json").read_text())
+    for init in ("scratch", "spark", "anatomask"):
+        inference = json.loads((demo_output / f"finetune_{init}" / "configs" / "inference.json").read_text())
+        assert inference["fingerprint"]["intensity"] == pretraining["intensity"], init

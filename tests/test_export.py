@@ -23,7 +23,13 @@ from monai.bundle import ConfigWorkflow
 
 import anatomask_components
 from anatomask_components import cli
-from anatomask_components.data.phantoms import make_affine, make_phantom, write_phantom_dataset
+from anatomask_components.data.fingerprint import write_fingerprint
+from anatomask_components.data.phantoms import (
+    make_affine,
+    make_phantom,
+    phantom_fingerprint,
+    write_phantom_dataset,
+)
 from anatomask_components.data.writers import write_volume
 from anatomask_components.export import BUNDLE_NAMES, export_bundle
 from anatomask_components.networks import STUNet
@@ -217,11 +223,16 @@ def test_inference_without_package(tmp_path):
     the unpacked folder, where the package cannot be imported."""
     torch.manual_seed(0)
     torch.save(STUNet(1, 14, **TINY).state_dict(), tmp_path / "model.pt")
+    write_fingerprint(tmp_path / "model.pt", phantom_fingerprint())
     archive = export_bundle(
         "anatomask_finetune_flare22", tmp_path / "flare22.zip", weights=tmp_path / "model.pt"
     )
     bundle = unpack(archive, tmp_path / "unpacked")
     assert (bundle / "models" / "model.pt").read_bytes() == (tmp_path / "model.pt").read_bytes()
+    # the model's CT normalisation travels with it: beside the weights and in inference.json
+    carried = json.loads((bundle / "models" / "fingerprint.json").read_text())
+    assert carried == phantom_fingerprint()
+    assert json.loads((bundle / "configs" / "inference.json").read_text())["fingerprint"] == carried
     affine = make_affine((1.5, 1.5, 2.0), rotation_deg=(0, 0, 10))
     image, _, _ = make_phantom((40, 36, 20), num_classes=14, seed=3, affine=affine)
     write_volume(tmp_path / "scans" / "case.nii.gz", image, affine)
@@ -239,6 +250,13 @@ def test_inference_without_package(tmp_path):
     assert written.shape == (40, 36, 20)
     np.testing.assert_allclose(written.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(written.dataobj))) <= set(range(14))
+
+
+def test_weights_without_their_fingerprint_are_refused(tmp_path):
+    torch.save(STUNet(1, 14, **TINY).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="fingerprint.json"):
+        export_bundle("anatomask_finetune_flare22", tmp_path / "out.zip", weights=tmp_path / "model.pt")
+    assert not (tmp_path / "out.zip").exists()
 
 
 def test_weights_must_be_a_flat_state_dict(tmp_path):

@@ -3,11 +3,19 @@
 Like nnU-Net, it samples foreground voxels of every training case (10,000 per case and channel, with
 replacement, seeded) from the raw images and records, per modality, the mean, std, min, max, median and
 the 0.5 / 99.5 percentiles. Foreground is ``label > 0`` when the item has a label; unlabelled scans
-(pretraining) use the body instead: voxels above -500 HU for CT, above 0 for MR and PET.
+(pretraining) use the body instead: voxels above -950 HU for CT (tissue including the lungs, whose
+parenchyma lies above the -950 HU emphysema threshold; the air around the patient is about -1000 HU), above
+0 for MR and PET.
+
+The bundles do not need a fingerprint to be given: :func:`resolve_fingerprint` computes it from the training
+data on the first run, or takes the pretrained encoder's (so that fine-tuning maps CT intensities exactly
+as pretraining did), and stores it as ``models/fingerprint.json`` beside the weights and in the bundle's
+``configs/inference.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -21,8 +29,10 @@ from anatomask_components.data.checks import skippable_scan_error
 from anatomask_components.data.datalists import image_label
 from anatomask_components.data.normalization import normalise_modality
 
-# Air is about -1000 HU and fat about -100 HU: -500 HU separates the body from the air around it.
-CT_BODY_THRESHOLD_HU = -500.0
+# Air is about -1000 HU and lung parenchyma -900 to -700 HU: -950 HU (the emphysema threshold of lung CT)
+# keeps the lungs in the body, whose anatomy pretraining should see rather than clip away.
+CT_BODY_THRESHOLD_HU = -950.0
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def _foreground(channel: np.ndarray, modality: str, label: np.ndarray | None) -> np.ndarray:
@@ -146,3 +156,135 @@ def compute_fingerprint(
         if progress:
             print(f"[fingerprint] {len(shapes)} cases -> {output}", flush=True)
     return fingerprint
+
+
+def _files_digest(files: Sequence[Mapping[str, Any]], image_key: str = "image") -> str:
+    names = sorted(json.dumps(item.get(image_key), sort_keys=True, default=str) for item in files)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def write_fingerprint(model_path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> Path:
+    """Store a fingerprint as ``fingerprint.json`` beside a model's weights (atomically); returns its path."""
+    path = Path(model_path).parent / FINGERPRINT_FILE
+    _write_json_atomic(path, dict(fingerprint))
+    return path
+
+
+def _write_json_atomic(path: Path, content: Any) -> None:
+    from anatomask_components.evaluation import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(content, indent=4) + "\n")
+
+
+def _record_in_inference_config(bundle_root: Path, fingerprint: Mapping[str, Any]) -> None:
+    """Write the fingerprint into ``configs/inference.json`` (key order and indent kept), where it exists."""
+    config_path = bundle_root / "configs" / "inference.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "fingerprint" not in config or config["fingerprint"] == dict(fingerprint):
+        return
+    config["fingerprint"] = dict(fingerprint)
+    _write_json_atomic(config_path, config)
+
+
+def needs_fingerprint(normalization: str | Mapping[str, str]) -> bool:
+    """True when some modality is normalised with the dataset-level ``"ct"`` scheme."""
+    from anatomask_components.data.normalization import resolve_schemes
+
+    return "ct" in resolve_schemes(normalization).values()
+
+
+def resolve_fingerprint(
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None,
+    normalization: str | Mapping[str, str],
+    files: Sequence[Mapping[str, Any]],
+    model_path: str | os.PathLike | None = None,
+    bundle_root: str | os.PathLike | None = None,
+    pretrained_weights: str | os.PathLike | None = None,
+    channel_modalities: Sequence[str] | None = None,
+    image_channel_dim: int | None = None,
+    on_error: str = "raise",
+) -> dict[str, Any] | None:
+    """The fingerprint a training run normalises with, found or computed once, then stored with the model.
+
+    In order: the ``fingerprint`` given (a path or dict); the pretrained encoder's, stored as
+    ``fingerprint.json`` beside ``pretrained_weights`` by the pretraining bundle (the encoder's first layers
+    learned that intensity mapping); the run's own ``models/fingerprint.json`` from an earlier start on the
+    same files (resume); else computed from ``files`` with progress lines. The result is written as
+    ``fingerprint.json`` beside ``model_path`` (with its source; :func:`model_fingerprint` finds it there)
+    and into the ``fingerprint`` key of ``<bundle_root>/configs/inference.json``, so that inference, MONAI
+    Label and exported archives use it.
+
+    Args:
+        fingerprint: given statistics, or None.
+        normalization: the bundle's ``normalization``; without a ``"ct"`` scheme nothing is computed and
+            ``fingerprint`` is returned as it is.
+        files: the training items (``{"image": ..., "label": ...}``).
+        model_path: the weights file of the run (``models/model.pt``); None to store nothing there.
+        bundle_root: the bundle folder whose ``configs/inference.json`` gets the fingerprint; None: none.
+        pretrained_weights: the encoder or checkpoint that fine-tuning starts from ("" or None: none).
+        channel_modalities, image_channel_dim: see :func:`compute_fingerprint`.
+        on_error: ``"raise"`` or ``"warn"`` (skip bad scans, as pretraining does).
+
+    Returns:
+        the fingerprint dict (``{"intensity": {modality: stats}, ...}``), or None without a ``"ct"`` scheme
+        and without a given fingerprint.
+    """
+    if not needs_fingerprint(normalization):
+        return fingerprint if fingerprint is None or isinstance(fingerprint, Mapping) else _read(fingerprint)
+    stored = Path(model_path).parent / FINGERPRINT_FILE if model_path else None
+    digest = _files_digest(files)
+    encoder_fingerprint = Path(pretrained_weights).parent / FINGERPRINT_FILE if pretrained_weights else None
+    if fingerprint is not None:
+        result = dict(fingerprint) if isinstance(fingerprint, Mapping) else _read(fingerprint)
+        result.setdefault("source", "given" if isinstance(fingerprint, Mapping) else str(fingerprint))
+    elif encoder_fingerprint is not None and encoder_fingerprint.is_file():
+        result = {**_read(encoder_fingerprint), "source": f"pretrained encoder ({encoder_fingerprint})"}
+        print(f"[fingerprint] CT intensities mapped as in pretraining: {encoder_fingerprint}", flush=True)
+    elif stored is not None and stored.is_file() and _read(stored).get("files_digest") == digest:
+        result = _read(stored)
+        print(f"[fingerprint] reusing {stored} (same training files)", flush=True)
+    else:
+        print(
+            f"[fingerprint] no fingerprint given: computing nnU-Net's CT statistics from {len(files)} "
+            "training scans (once; stored in models/fingerprint.json and configs/inference.json)",
+            flush=True,
+        )
+        datalist = {
+            "training": list(files),
+            **({"channel_modalities": list(channel_modalities)} if channel_modalities else {}),
+        }
+        result = compute_fingerprint(
+            datalist, sections=("training",), image_channel_dim=image_channel_dim, on_error=on_error
+        )
+        result["source"] = "training data"
+    from anatomask_components.data.normalization import load_fingerprint
+
+    load_fingerprint(result)  # the same checks as at use: every modality has its statistics
+    result["files_digest"] = digest
+    if model_path:
+        write_fingerprint(model_path, result)
+    if bundle_root is not None:
+        _record_in_inference_config(Path(bundle_root), result)
+    return result
+
+
+def _read(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the fingerprint {path}: {error}") from error
+
+
+def model_fingerprint(
+    fingerprint: str | os.PathLike | Mapping[str, Any] | None, model_path: str | os.PathLike
+) -> dict[str, Any] | None:
+    """The fingerprint a trained model was trained with: the one given (``configs/inference.json`` holds it
+    after training), else ``fingerprint.json`` beside ``model_path``, else None (a ``"ct"`` normalisation
+    then refuses CT scans, naming them)."""
+    if fingerprint is not None:
+        return dict(fingerprint) if isinstance(fingerprint, Mapping) else _read(fingerprint)
+    stored = Path(model_path).parent / FINGERPRINT_FILE
+    return _read(stored) if stored.is_file() else None

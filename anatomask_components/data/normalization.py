@@ -2,16 +2,23 @@
 
 Schemes:
 
-- ``"zscore"``: per image and channel, ``(x - mean) / std`` over all voxels (the STU-Net/AnatoMask default).
-  A constant channel has std 0 and becomes all zeros (never NaN).
 - ``"ct"``: nnU-Net's CT scheme: clip to the dataset's foreground percentiles 0.5 / 99.5, then z-score with
-  the dataset's foreground mean and std (from ``anatomask fingerprint``).
+  the dataset's foreground mean and std (from ``anatomask fingerprint``, or computed by the bundles on their
+  first run: :func:`anatomask_components.data.fingerprint.resolve_fingerprint`). This is what the
+  reference code runs, since it pretrains and fine-tunes on nnU-Net-preprocessed data, and what every bundle
+  uses for CT: one mapping for every scan, so that an organ has the same value in every scan of a scanner and
+  contrast phase. Padding is 0 after normalisation, the foreground mean, as in nnU-Net; nnU-Net's
+  multiplicative brightness augmentation also scales around that 0.
+- ``"zscore"``: per image and channel, ``(x - mean) / std`` over all voxels (nnU-Net's scheme for MR).
+  For CT it moves organs between scans: a scan that is mostly air has a low mean and std, so its soft tissue
+  maps to what bone maps to in a scan that fills its field of view. A constant channel becomes all zeros.
 - ``"suv"``: PET in SUV units is already quantitative, so no per-image statistics: clip to
   ``[0, suv_max]`` (negative reconstruction noise and the bladder/kidney peaks) and divide by ``suv_max``.
 - ``"none"``: leave the values as they are.
 
-Default per modality: CT ``zscore`` (or whatever ``normalization`` says), MR ``zscore``, PET ``zscore``
-(what nnU-Net, the usual AutoPET baseline, does for every non-CT channel); choose ``"suv"`` explicitly.
+Default per modality, where a function is given a single scheme name: that scheme for CT, MR ``zscore``, PET
+``zscore`` (what nnU-Net, the usual AutoPET baseline, does for every non-CT channel); choose ``"suv"``
+explicitly. The functions default to ``"zscore"`` because it needs no fingerprint; the bundles set ``"ct"``.
 """
 
 from __future__ import annotations
@@ -163,12 +170,6 @@ class NormalizeByModalityd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.schemes = resolve_schemes(normalization)
         self.stats = load_fingerprint(fingerprint) if fingerprint is not None else {}
-        for modality, scheme in self.schemes.items():
-            if scheme == "ct" and modality not in self.stats:
-                raise ValueError(
-                    f"normalization 'ct' for {modality} needs {modality} statistics: run "
-                    "`anatomask fingerprint` and pass its JSON as fingerprint="
-                )
         self.channel_modalities = (
             tuple(normalise_modality(m) for m in channel_modalities) if channel_modalities else None
         )
@@ -195,6 +196,14 @@ class NormalizeByModalityd(MapTransform):
             image = d[key]
             values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
             modalities = self.modalities_for(d, image.shape[0], source_name(image))
+            for modality in modalities:
+                if self.schemes[modality] == "ct" and modality not in self.stats:
+                    raise ValueError(
+                        f"{source_name(image)}: normalization 'ct' for {modality} needs {modality} "
+                        "statistics: train the bundle first (it writes them beside models/model.pt and into "
+                        "configs/inference.json), or run "
+                        "`anatomask fingerprint` and pass its JSON as fingerprint="
+                    )
             normalised = torch.stack(
                 [
                     normalize_channel(values[c], self.schemes[m], self.stats.get(m), self.suv_max)

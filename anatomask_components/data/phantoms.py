@@ -302,3 +302,19 @@ def write_phantom_dataset(
     datalist["labels"] = {str(c): n for n, c in label_names.items()}
     datalists.write_datalist(datalist, dataset_root / "datalist.json")
     return datalist
+
+
+def phantom_fingerprint() -> dict:
+    """A CT intensity fingerprint for phantom scans, standing in for the one a training run computes (tests
+    that run inference or export with untrained weights need one beside the weights).
+
+    Returns:
+        ``{"intensity": {"CT": {"mean", "std", "percentile_00_5", "percentile_99_5"}}, "source": ...}``,
+        spanning air to the brightest phantom organ.
+    """
+    return {
+        "intensity": {
+            "CT": {"mean": 40.0, "std": 100.0, "percentile_00_5": -1000.0, "percentile_99_5": 1000.0}
+        },
+        "source": "phantom",
+    }

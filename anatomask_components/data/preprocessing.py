@@ -11,41 +11,35 @@ All builders return a flat ``monai.transforms.Compose`` over dicts such as ``{"i
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from monai.transforms import (
-    CenterSpatialCropd,
+    BorderPadd,
     Compose,
     EnsureChannelFirstd,
     LoadImaged,
     Orientationd,
-    RandAdjustContrastd,
     RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
-    RandRotated,
-    RandScaleIntensityd,
     RandSpatialCropd,
-    RandZoomd,
     Spacingd,
     SpatialPadd,
 )
 
+from anatomask_components.data.augmentation import (
+    RandSimulateEnhancementd,
+    RandThinSlabd,
+    augmented_crop_size,
+    border_padding,
+    intensity_augmentation,
+    resolve_augmentation,
+    spatial_augmentation,
+)
 from anatomask_components.data.labels import RemapLabelsd
 from anatomask_components.data.normalization import NormalizeByModalityd
 from anatomask_components.data.readers import RAS_LABELS, AnatoMaskReader
 from anatomask_components.data.validation import ValidateScand
-
-# Rotation and scaling ranges of the AnatoMask reference code's augmentation.
-ROTATION_RANGE_RAD = math.radians(30.0)
-SCALE_RANGE = (0.7, 1.4)
-# With rotation or scaling on, the crop is taken this much larger, augmented, then centre-cropped to the
-# ROI, so that the augmented patch is filled with image rather than padding (0.7 zoom-out needs >= 1.43).
-AUGMENTATION_MARGIN = 1.5
 
 
 class PathSafeSpacingd(Spacingd):
@@ -131,8 +125,9 @@ def deterministic_transforms(
         label_key: item key of the label map, or None (pretraining, inference).
         spacing: target voxel size in mm (default 1.5 isotropic); None keeps the native grid.
             Images are resampled trilinearly, labels with nearest neighbour.
-        normalization: ``"zscore"`` (per image, default), ``"ct"`` (nnU-Net CT scheme, needs
-            ``fingerprint``), ``"suv"`` or ``"none"`` for CT channels; or ``{"CT": .., "MR": .., "PET": ..}``.
+        normalization: ``"ct"`` (nnU-Net's CT scheme with the dataset fingerprint ``fingerprint``: what
+            the bundles use), ``"zscore"`` (per image; the default of these functions, which need no
+            fingerprint), ``"suv"`` or ``"none"`` for CT channels; or ``{"CT": .., "MR": .., "PET": ..}``.
             MR and PET default to ``"zscore"``. See :mod:`anatomask_components.data.normalization`.
         fingerprint: JSON path or dict from ``anatomask fingerprint`` (needed by ``"ct"``).
         channel_modalities: modality of each channel when items carry no ``modality`` field, e.g.
@@ -171,52 +166,6 @@ def deterministic_transforms(
         )
     )
     return Compose(transforms)
-
-
-def _augmented_crop_size(roi_size: Sequence[int], rotate_prob: float, scale_prob: float) -> tuple[int, ...]:
-    margin = AUGMENTATION_MARGIN if rotate_prob > 0 or scale_prob > 0 else 1.0
-    return tuple(int(math.ceil(s * margin)) for s in roi_size)
-
-
-def _spatial_augmentation(
-    keys: Sequence[str],
-    roi_size: Sequence[int],
-    rotate_prob: float,
-    scale_prob: float,
-    flip_prob: float,
-    modes: Sequence[str],
-) -> list:
-    """Rotation (+-30 deg per axis), scaling (0.7-1.4), centre crop to the ROI, and flips per axis.
-
-    ``modes`` gives the interpolation per key: ``"bilinear"`` for images, ``"nearest"`` for labels.
-    """
-    transforms: list = []
-    if rotate_prob > 0 or scale_prob > 0:
-        transforms += [
-            RandRotated(
-                keys,
-                range_x=ROTATION_RANGE_RAD,
-                range_y=ROTATION_RANGE_RAD,
-                range_z=ROTATION_RANGE_RAD,
-                prob=rotate_prob,
-                keep_size=True,
-                mode=list(modes),
-                padding_mode="zeros",
-            ),
-            RandZoomd(
-                keys,
-                min_zoom=SCALE_RANGE[0],
-                max_zoom=SCALE_RANGE[1],
-                prob=scale_prob,
-                keep_size=True,
-                mode=["nearest" if m == "nearest" else "trilinear" for m in modes],  # interpolate() names
-                padding_mode="constant",
-            ),
-            CenterSpatialCropd(keys, roi_size=tuple(roi_size)),
-        ]
-    if flip_prob > 0:
-        transforms += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
-    return transforms
 
 
 def pretrain_transforms(
@@ -259,13 +208,15 @@ def pretrain_transforms(
         image_channel_dim=image_channel_dim,
         suv_max=suv_max,
     )
-    crop_size = _augmented_crop_size(roi_size, rotate_prob, scale_prob)
+    settings = resolve_augmentation(
+        {"rotate_prob": rotate_prob, "scale_prob": scale_prob, "flip_prob": flip_prob}
+    )
     return Compose(
         [
             *deterministic.transforms,
             SpatialPadd(image_key, spatial_size=tuple(roi_size)),
-            RandSpatialCropd(image_key, roi_size=crop_size, random_size=False),
-            *_spatial_augmentation([image_key], roi_size, rotate_prob, scale_prob, flip_prob, ["bilinear"]),
+            RandSpatialCropd(image_key, roi_size=augmented_crop_size(roi_size, settings), random_size=False),
+            *spatial_augmentation([image_key], roi_size, settings, ["bilinear"]),
         ]
     )
 
@@ -279,10 +230,7 @@ def finetune_train_transforms(
     label_mapping: str | os.PathLike | Mapping[Any, Any] | None = None,
     num_samples: int = 2,
     foreground_probability: float = 0.33,
-    rotate_prob: float = 0.2,
-    scale_prob: float = 0.2,
-    flip_prob: float = 0.5,
-    intensity_augmentation: bool = True,
+    augmentation: Mapping[str, Any] | str | None = None,
     image_key: str = "image",
     label_key: str = "label",
     channel_modalities: Sequence[str] | None = None,
@@ -290,8 +238,8 @@ def finetune_train_transforms(
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
 ) -> Compose:
-    """Fine-tuning training pipeline: shared deterministic part, label-aware crops, nnU-Net-style augmentation
-    (the deterministic part is exactly the pretraining one plus the label).
+    """Fine-tuning training pipeline: shared deterministic part, label-aware crops that may reach past the
+    border, nnU-Net's augmentation (the deterministic part is exactly the pretraining one plus the label).
 
     Args:
         roi_size: patch size.
@@ -299,16 +247,17 @@ def finetune_train_transforms(
             image_channel_dim, suv_max: see :func:`deterministic_transforms`.
         num_samples: patches per volume per call (the dataset returns a list of ``num_samples`` dicts).
         foreground_probability: share of patches centred on a foreground voxel (nnU-Net oversamples 33 %).
-        rotate_prob, scale_prob, flip_prob: spatial augmentation (see :func:`pretrain_transforms`).
-        intensity_augmentation: nnU-Net-style Gaussian noise (p 0.1), Gaussian blur (p 0.2), brightness
-            (x0.75-1.25, p 0.15) and gamma (0.7-1.5, p 0.3) on the image.
+        augmentation: overrides of nnU-Net's augmentation settings, or ``"none"``; see
+            :mod:`anatomask_components.data.augmentation` for the keys and their reference values.
         image_key, label_key: item keys.
 
     Returns:
         a Compose mapping an item to a list of ``num_samples`` dicts ``{"image": (C, *roi_size) float32,
-        "label": (1, *roi_size)}``.
+        "label": (1, *roi_size)}``. Everything outside the scan (border crops, rotation corners, removed
+        slab slices) is 0 in the image and background in the label, as the sliding window pads.
     """
     keys = [image_key, label_key]
+    settings = resolve_augmentation(augmentation)
     deterministic = deterministic_transforms(
         image_key,
         label_key,
@@ -322,30 +271,33 @@ def finetune_train_transforms(
         image_channel_dim,
         suv_max,
     )
-    crop_size = _augmented_crop_size(roi_size, rotate_prob, scale_prob)
+    border = border_padding(roi_size, settings)
     transforms = [
         *deterministic.transforms,
         SpatialPadd(keys, spatial_size=tuple(roi_size)),
+        *([BorderPadd(keys, spatial_border=border)] if any(border) else []),
         RandCropByPosNegLabeld(
             keys,
             label_key=label_key,
-            spatial_size=crop_size,
+            spatial_size=augmented_crop_size(roi_size, settings),
             pos=foreground_probability,
             neg=1.0 - foreground_probability,
             num_samples=num_samples,
             allow_smaller=True,
         ),
-        *_spatial_augmentation(keys, roi_size, rotate_prob, scale_prob, flip_prob, ["bilinear", "nearest"]),
+        *spatial_augmentation(keys, roi_size, settings, ["bilinear", "nearest"]),
     ]
-    if intensity_augmentation:
-        transforms += [
-            RandGaussianNoised(image_key, prob=0.1, std=0.1),
-            RandGaussianSmoothd(
-                image_key, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2
-            ),
-            RandScaleIntensityd(image_key, factors=0.25, prob=0.15),
-            RandAdjustContrastd(image_key, gamma=(0.7, 1.5), prob=0.3),
-        ]
+    if settings["enhance_prob"] > 0:
+        transforms.append(
+            RandSimulateEnhancementd(
+                image_key, label_key, prob=settings["enhance_prob"], offset_range=settings["enhance_range"]
+            )
+        )
+    transforms += intensity_augmentation(image_key, settings)
+    if settings["thin_slab_prob"] > 0:
+        transforms.append(
+            RandThinSlabd(keys, prob=settings["thin_slab_prob"], min_slices=settings["thin_slab_min_slices"])
+        )
     return Compose(transforms)
 
 

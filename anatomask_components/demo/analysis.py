@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from anatomask_components.checkpointing import latest_checkpoint
+from anatomask_components.data.fingerprint import model_fingerprint
 from anatomask_components.data.preprocessing import deterministic_transforms
 from anatomask_components.losses import patch_scores
 from anatomask_components.masking import num_hard, num_masked, random_patch_mask, reconstruction_guided_mask
@@ -47,7 +48,7 @@ class CaseVolumes:
 
     Attributes:
         name: case name.
-        image: ``(1, 1, H, W, D)`` z-scored CT, the network input.
+        image: ``(1, 1, H, W, D)`` normalised CT, the network input.
         hu: ``(H, W, D)`` CT in HU.
         body: ``(H, W, D)`` bool, CT above -500 HU.
         labels: ``(H, W, D)`` FLARE22 label ids (0 background).
@@ -60,10 +61,13 @@ class CaseVolumes:
     labels: np.ndarray
 
 
-def load_case(item: dict[str, Any], spacing, patch_size, name: str) -> CaseVolumes:
-    """Read a labelled case as the pretraining bundle sees it (RAS, ``spacing``, per-image z-score) and pad
-    it to whole patches with air."""
-    normalised = deterministic_transforms("image", "label", spacing, "zscore")(dict(item))
+def load_case(
+    item: dict[str, Any], spacing, patch_size, name: str, fingerprint: dict[str, Any] | None = None
+) -> CaseVolumes:
+    """Read a labelled case as the pretraining bundle sees it (RAS, ``spacing``, nnU-Net's CT scheme with the
+    pretraining run's ``fingerprint``; per-image z-score without one) and pad it to whole patches with air."""
+    scheme = "ct" if fingerprint is not None else "zscore"
+    normalised = deterministic_transforms("image", "label", spacing, scheme, fingerprint)(dict(item))
     raw = deterministic_transforms("image", "label", spacing, "none")(dict(item))
     image = normalised["image"].as_tensor().float()[0]
     hu = raw["image"].as_tensor().float()[0]
@@ -257,8 +261,9 @@ def analyse_pretraining(
     patch = scorers["untrained"].patch_size
     statistics: dict[str, Any] = {}
     figure: dict[str, np.ndarray] = {}
+    fingerprint = model_fingerprint(None, output / "pretrain_anatomask" / "models" / "model.pt")
     for case_name, item in items.items():
-        case = load_case(item, settings["spacing"], patch, case_name)
+        case = load_case(item, settings["spacing"], patch, case_name, fingerprint)
         length = math.prod(patch_grid(case.image.shape[2:], patch))
         masks = _masks(length, settings["mask_ratio"], settings["analysis_masks"], settings["seed"])
         statistics[case_name] = {

@@ -31,11 +31,13 @@ PRETRAIN_BUNDLE = "anatomask_pretrain"
 FINETUNE_BUNDLE = "anatomask_finetune_flare22"
 PRETRAIN_RUNS = {"spark": "random", "anatomask": "anatomask"}  # run name -> masking
 FINETUNE_INITS = ("scratch", "spark", "anatomask")
+# FLARE22 ids of the organs that case C holds and the demo's target averages (liver, spleen, stomach, aorta)
+CURVE_ORGANS = {1: "liver", 3: "spleen", 11: "stomach", 5: "aorta"}
 # copied into each run folder; models/, runs/, eval/ are the run's own
 BUNDLE_FILES = ("configs", "docs", "LICENSE", "large_files.yml")
 # log lines worth echoing while a bundle runs (the rest stays in the run's log file)
 _ECHO = re.compile(
-    r"anatomask_components\.(handlers|checkpointing)|Metrics --|Key metric"
+    r"anatomask_components\.(handlers|checkpointing)|Metrics --|Key metric|^\[fingerprint\] (no|reusing|CT)"
     r"|ERROR|Error|Traceback|WARNING.*invalid"
 )
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ - (\S+ - )?(INFO|WARNING|ERROR) - ")
@@ -53,7 +55,8 @@ class DemoSettings:
         quick: the quick preset (fewer steps, same stages).
         seed: seed of every run (network initialisation, crops, masks).
         spacing: voxel size in mm for pretraining and fine-tuning (3 mm: case A's native grid).
-        roi_size: pretraining and fine-tuning crop, also the sliding-window size.
+        roi_size: pretraining and fine-tuning crop, also the sliding-window size (96 x 96 x 32 at 3 mm: the
+            width of an abdomen in-plane, so that left and right organs are told apart by their context).
         depths, dims: the small STU-Net (six stages, default TotalSegmentator strides; the pretraining
             encoder is its first five stages, total stride 16, so the mask unit is 16^3 voxels).
         mask_ratio: masked fraction of patches (paper: 0.6).
@@ -65,8 +68,11 @@ class DemoSettings:
             scaled here because the demo runs hundreds of steps, not hundreds of thousands).
         pretrain_lr: AdamW learning rate of pretraining (paper: 1e-4 for ~300k iterations; 1e-3 here so
             that a few hundred iterations learn visibly).
-        finetune_epochs, iterations_per_epoch, val_interval: fine-tuning length and validation interval.
+        finetune_epochs, iterations_per_epoch, val_interval: fine-tuning length and validation interval; a
+            a checkpoint is kept every ``curve_every_epochs`` for the DSC-against-iterations curve on case C.
         finetune_lr: AdamW learning rate of fine-tuning (paper: 1e-4; 1e-3 here, for the same reason).
+        enhance_prob: probability of the simulated contrast enhancement (``augmentation#enhance_prob``, off
+            in the bundles): case A is non-contrast, case C portal venous.
         sw_overlap: sliding-window overlap of validation, evaluation and inference (bundle default 0.5).
         analysis_masks: random masks per case in the top-k analysis.
         progress_every: iterations between progress lines.
@@ -75,43 +81,47 @@ class DemoSettings:
     quick: bool = False
     seed: int = 0
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    roi_size: tuple[int, int, int] = (64, 64, 64)
+    roi_size: tuple[int, int, int] = (96, 96, 32)
     depths: tuple[int, ...] = (1, 1, 1, 1, 1, 1)
     dims: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
     mask_ratio: float = 0.6
     hard_ratio_end: float = 0.5
-    pretrain_epochs: int = 80
+    pretrain_epochs: int = 30
     pretrain_warmup_epochs: int = 2
     save_every_epochs: int = 10
     ema_momentum: tuple[float, float] = (0.98, 0.99)
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 8
+    finetune_epochs: int = 12
     iterations_per_epoch: int = 25
     val_interval: int = 4
     finetune_lr: float = 1e-3
+    enhance_prob: float = 0.3
+    curve_every_epochs: int = 2
     sw_overlap: float = 0.5
-    analysis_masks: int = 8
+    analysis_masks: int = 4
     progress_every: int = 10
 
     @classmethod
     def preset(cls, quick: bool = False, seed: int = 0) -> DemoSettings:
-        """The full demo (about 26 minutes on 2 CPU cores) or the quick one: the same stages and report with
-        fewer steps, a 4 mm grid and fewer analysis masks, so that it stays within 5 minutes."""
+        """The full demo (about 25 minutes on 2 CPU cores) or the quick one: the same stages and report
+        with fewer steps, a 4 mm grid, a smaller crop and fewer analysis masks, to stay within 5 minutes."""
         if not quick:
             return cls(seed=seed)
         return cls(
             quick=True,
             seed=seed,
+            roi_size=(64, 64, 32),
             pretrain_epochs=5,
             pretrain_warmup_epochs=1,
             save_every_epochs=5,
-            finetune_epochs=2,
-            iterations_per_epoch=6,
-            val_interval=2,
+            finetune_epochs=3,
+            iterations_per_epoch=20,
+            curve_every_epochs=1,
+            val_interval=3,
             spacing=(4.0, 4.0, 4.0),
             sw_overlap=0.25,
             analysis_masks=1,
-            progress_every=4,
+            progress_every=5,
         )
 
     @property
@@ -179,12 +189,16 @@ def finetune_override(
     test_scan: Path,
     encoder: Path | None,
     cache_dir: Path | None = None,
+    fingerprint: Path | None = None,
 ) -> dict[str, Any]:
     """The FLARE22 bundle's settings for one demo run (``encoder``: a pretraining export, or None;
-    ``cache_dir``: a preprocessing cache shared by the runs)."""
+    ``cache_dir``: a preprocessing cache shared by the runs; ``fingerprint``: the CT statistics to normalise
+    with, given to the run from scratch so that all three map intensities as pretraining did; the runs from
+    an encoder find the same file beside it)."""
     return {
         **_network_override(settings),
         **({"cache_dir": str(cache_dir)} if cache_dir is not None else {}),
+        **({"fingerprint": str(fingerprint)} if fingerprint is not None else {}),
         "datalist": str(datalist),
         "dataset_dir": str(test_scan),
         "pretrained_weights": str(encoder) if encoder is not None else "",
@@ -194,8 +208,9 @@ def finetune_override(
         "learning_rate": settings.finetune_lr,
         "num_samples": 1,
         "num_workers": 0,
-        "rotate_prob": 0.0,
-        "scale_prob": 0.0,
+        "augmentation": {"enhance_prob": settings.enhance_prob},
+        "save_every_epochs": settings.curve_every_epochs,
+        "keep_last_checkpoints": settings.finetune_epochs,
         "sw_batch_size": 1,
         "sw_overlap": settings.sw_overlap,
         "progress_every_iterations": settings.progress_every,
@@ -362,7 +377,7 @@ def run_demo(
         *(f"evaluate_{init}" for init in FINETUNE_INITS),
         *(f"infer_{init}" for init in FINETUNE_INITS),
     ]
-    total_stages = len(plan) + 3  # + fetch, analysis, report
+    total_stages = len(plan) + 4  # + fetch, analysis, curve, report
 
     def announce(step: int, name: str, what: str) -> None:
         print(
@@ -426,10 +441,16 @@ def run_demo(
         announce(
             step, name, f"FLARE22 bundle on case A, {settings.finetune_iterations} iterations, init {init}"
         )
+        # every run normalises CT with the pretraining set's statistics (the encoders carry them)
+        fingerprint = (
+            output / "pretrain_anatomask" / "models" / "fingerprint.json" if encoder is None else None
+        )
         folder = prepare_bundle(
             BUNDLES_DIR / FINETUNE_BUNDLE,
             output / name,
-            finetune_override(settings, flare_datalist, test_scan, encoder, output / "cache" / "finetune"),
+            finetune_override(
+                settings, flare_datalist, test_scan, encoder, output / "cache" / "finetune", fingerprint
+            ),
         )
         result = run_bundle(
             folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
@@ -473,6 +494,12 @@ def run_demo(
     analysis = analyse_pretraining(output, settings, flare_datalist)
     analysis["seconds"] = time.perf_counter() - analysis_start
 
+    step += 1
+    announce(step, "curve", "DSC on case C against fine-tuning iterations, from the kept checkpoints")
+    curve_start = time.perf_counter()
+    curves = finetune_curves(output, settings, flare_datalist)
+    curve_seconds = time.perf_counter() - curve_start
+
     results = {
         "settings": asdict(settings),
         "seed": seed,
@@ -481,6 +508,12 @@ def run_demo(
         "fetch_seconds": fetch_seconds,
         "stages": [asdict(s) for s in stages],
         "analysis": analysis,
+        "curves": {
+            "runs": curves,
+            "seconds": curve_seconds,
+            "organs": list(CURVE_ORGANS.values()),
+            "organ_hu": organ_intensities(flare_datalist, settings),
+        },
         "environment": _environment(),
     }
     results["total_seconds_before_report"] = time.perf_counter() - start
@@ -490,6 +523,36 @@ def run_demo(
     report = write_report(output, results)
     print(f"\n[demo] done in {_clock(time.perf_counter() - start)}: {report}", flush=True)
     return report
+
+
+def finetune_curves(output: Path, settings: DemoSettings, datalist: Path) -> dict[str, list[dict[str, Any]]]:
+    """DSC on case C per kept checkpoint of each fine-tuning run (:func:`~anatomask_components.demo.curve.
+    dsc_curve`), with one progress line per run."""
+    from anatomask_components.data.labels import FLARE22_CLASSES
+    from anatomask_components.demo.curve import dsc_curve
+
+    test_item = json.loads(datalist.read_text(encoding="utf-8"))["test"][0]
+    curves = {}
+    for init in FINETUNE_INITS:
+        curves[init] = dsc_curve(
+            output / f"finetune_{init}", asdict(settings), test_item, CURVE_ORGANS, len(FLARE22_CLASSES) + 1
+        )
+        last = curves[init][-1] if curves[init] else {"iteration": 0, "dsc": {}}
+        print(
+            f"    {init}: {len(curves[init])} checkpoints, at iteration {last['iteration']}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in last["dsc"].items()),
+            flush=True,
+        )
+    return curves
+
+
+def organ_intensities(datalist: Path, settings: DemoSettings) -> dict[str, dict[str, float]]:
+    """Median HU of the curve's organs in case A (training) and C (test), for the report's explanation."""
+    from anatomask_components.demo.curve import organ_hu
+
+    lists = json.loads(datalist.read_text(encoding="utf-8"))
+    items = {"A": lists["training"][0], "C": lists["test"][0]}
+    return {case: organ_hu(item, CURVE_ORGANS, settings.spacing) for case, item in items.items()}
 
 
 def _environment() -> dict[str, Any]:

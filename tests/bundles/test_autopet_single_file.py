@@ -12,7 +12,8 @@ import torch
 from finetune_common import TINY, infer, workflow
 from monai.transforms import LoadImaged
 
-from anatomask_components.data.phantoms import make_affine, make_pet_ct_phantom
+from anatomask_components.data.fingerprint import write_fingerprint
+from anatomask_components.data.phantoms import make_affine, make_pet_ct_phantom, phantom_fingerprint
 from anatomask_components.data.writers import write_volume
 from anatomask_components.networks import STUNet
 
@@ -33,6 +34,7 @@ def study(tmp_path_factory) -> dict[str, Path]:
     model = root / "model.pt"
     torch.manual_seed(0)
     torch.save(STUNet(2, 2, **TINY).state_dict(), model)
+    write_fingerprint(model, phantom_fingerprint())
     return {"root": root, "pair": folder, "single": single, "model": model}
 
 
@@ -44,6 +46,7 @@ def _monai_label_style(image, model: Path, tmp_path: Path) -> tuple[torch.Tensor
         "infer",
         bundle_root=str(tmp_path),
         dataset_dir=str(tmp_path),
+        model_path=str(model),  # its fingerprint.json beside it holds the CT normalisation
     )
     parser = flow.parser
     network = parser.get_parsed_content("network_def", instantiate=True)

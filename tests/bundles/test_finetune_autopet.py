@@ -89,7 +89,7 @@ def test_labels_and_channels_agree_across_configs():
         == 2
     )
     assert train_config["channel_modalities"] == inference["channel_modalities"] == ["CT", "PET"]
-    assert train_config["normalization"] == inference["normalization"] == {"CT": "zscore", "PET": "suv"}
+    assert train_config["normalization"] == inference["normalization"] == {"CT": "ct", "PET": "suv"}
 
 
 def test_first_convolution_built_from_one_channel_weights(tmp_path):

@@ -30,7 +30,13 @@ from finetune_common import (
 )
 from monai.transforms import LoadImaged, SaveImaged
 
-from anatomask_components.data.phantoms import make_affine, make_phantom, write_phantom_dataset
+from anatomask_components.data.fingerprint import write_fingerprint
+from anatomask_components.data.phantoms import (
+    make_affine,
+    make_phantom,
+    phantom_fingerprint,
+    write_phantom_dataset,
+)
 from anatomask_components.data.writers import write_dicom_series, write_volume
 from anatomask_components.networks import STUNet
 
@@ -121,12 +127,14 @@ def test_monai_label_style_inference(data, tmp_path):
     """What MONAI Label's BundleInferTask does: flat preprocessing, inferer, postprocessing without saving."""
     model = tmp_path / "model.pt"
     torch.save(STUNet(1, NUM_CLASSES, **TINY).state_dict(), model)
+    write_fingerprint(model, phantom_fingerprint())
     flow = workflow(
         BUNDLE,
         ["inference.json", "small_override.json"],
         "infer",
         bundle_root=str(tmp_path),
         dataset_dir=str(data["scans"]),
+        model_path=str(model),
     )
     parser = flow.parser
     network = parser.get_parsed_content("network_def", instantiate=True)

@@ -36,6 +36,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from anatomask_components.data import examples
+from anatomask_components.data.fingerprint import write_fingerprint
+from anatomask_components.data.phantoms import phantom_fingerprint
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -103,6 +105,7 @@ def _tiny_weights(bundle: str, path: Path) -> Path:
     parser.read_config([str(configs / "inference.json"), str(configs / OVERRIDE)])
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    write_fingerprint(path, phantom_fingerprint())
     return path
 
 

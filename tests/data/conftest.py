@@ -70,3 +70,16 @@ def expect_invalid():
     """``expect_invalid(transform, item)``: run a transform that must fail; return the InvalidScanError
     behind MONAI's ``RuntimeError("applying transform ...")`` wrapper."""
     return _invalid_scan_error
+
+
+@pytest.fixture(scope="session")
+def fetched(tmp_path_factory):
+    """The real example cases (fetched once per session; skipped offline without a cached archive)."""
+    from anatomask_components.data import examples
+
+    cached = examples.default_cache_dir() / examples.ARCHIVE_NAME
+    if not cached.exists() and not examples.index_reachable():
+        pytest.skip("package index unreachable and no cached TotalSegmentator archive")
+    dest = tmp_path_factory.mktemp("examples")
+    manifest = examples.fetch_examples(str(dest))
+    return dest, manifest

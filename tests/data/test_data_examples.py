@@ -242,16 +242,6 @@ def test_credentials_in_the_index_url_become_a_header():
     )
 
 
-@pytest.fixture(scope="module")
-def fetched(tmp_path_factory):
-    cached = examples.default_cache_dir() / examples.ARCHIVE_NAME
-    if not cached.exists() and not examples.index_reachable():
-        pytest.skip("package index unreachable and no cached TotalSegmentator archive")
-    dest = tmp_path_factory.mktemp("examples")
-    manifest = examples.fetch_examples(str(dest))
-    return dest, manifest
-
-
 @pytest.mark.network
 def test_cases_have_the_documented_geometry(fetched):
     dest, manifest = fetched

@@ -50,10 +50,7 @@ def test_same_crop_from_pretraining_and_finetuning_pipelines(tmp_path, make_phan
         roi_size=ROI,
         num_classes=4,
         num_samples=3,
-        rotate_prob=0.0,
-        scale_prob=0.0,
-        flip_prob=0.0,
-        intensity_augmentation=False,
+        augmentation="none",
     )
     finetune.set_random_state(seed=3)
     for sample in finetune(files.item()):
@@ -161,15 +158,19 @@ def test_zscore_ct_scheme_suv_and_per_case_modality(tmp_path):
     np.testing.assert_array_equal(by_argument({"image": [str(ct_path), str(suv_path)]})["image"].numpy(), out)
 
 
-def test_ct_scheme_without_fingerprint_is_refused():
-    with pytest.raises(ValueError, match="needs CT statistics"):
-        deterministic_transforms(normalization="ct")
+def test_ct_scheme_without_fingerprint_is_refused_naming_the_scan(tmp_path, make_phantom_files):
+    files = make_phantom_files(tmp_path)
+    with pytest.raises(RuntimeError) as error:  # Compose wraps the transform's error
+        deterministic_transforms(normalization="ct")({"image": str(files.image_path)})
+    cause = error.value.__cause__
+    assert isinstance(cause, ValueError) and "needs CT statistics" in str(cause)
+    assert files.image_path.name in str(cause)
 
 
 def test_rotation_and_scaling_keep_the_roi_and_the_label_set(tmp_path, make_phantom_files):
     files = make_phantom_files(tmp_path)
     train = finetune_train_transforms(
-        roi_size=ROI, num_classes=4, num_samples=2, rotate_prob=1.0, scale_prob=1.0
+        roi_size=ROI, num_classes=4, num_samples=2, augmentation={"rotate_prob": 1.0, "scale_prob": 1.0}
     )
     train.set_random_state(seed=0)
     for sample in train(files.item()):
