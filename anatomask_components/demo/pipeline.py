@@ -103,8 +103,9 @@ class DemoSettings:
 
     @classmethod
     def preset(cls, quick: bool = False, seed: int = 0) -> DemoSettings:
-        """The full demo (about 25 minutes on 2 CPU cores) or the quick one: the same stages and report
-        with fewer steps, a 4 mm grid, a smaller crop and fewer analysis masks, to stay within 5 minutes."""
+        """The full demo (about 24 minutes on 2 CPU cores) or the quick one: the same stages and report
+        with fewer steps, a 4 mm grid, a smaller crop and fewer analysis masks, to stay within 5 minutes
+        (its 60 fine-tuning iterations do not yet segment case C)."""
         if not quick:
             return cls(seed=seed)
         return cls(
