@@ -171,9 +171,8 @@ def write_fingerprint(model_path: str | os.PathLike, fingerprint: Mapping[str, A
 
 
 def _write_json_atomic(path: Path, content: Any) -> None:
-    from anatomask_components.evaluation import atomic_write_text
+    from anatomask_components.evaluation import atomic_write_text  # it creates the folder
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(content, indent=4) + "\n")
 
 
@@ -233,19 +232,22 @@ def resolve_fingerprint(
         and without a given fingerprint.
     """
     if not needs_fingerprint(normalization):
-        return fingerprint if fingerprint is None or isinstance(fingerprint, Mapping) else _read(fingerprint)
-    stored = Path(model_path).parent / FINGERPRINT_FILE if model_path else None
+        return _as_dict(fingerprint)
     digest = _files_digest(files)
     encoder_fingerprint = Path(pretrained_weights).parent / FINGERPRINT_FILE if pretrained_weights else None
     if fingerprint is not None:
-        result = dict(fingerprint) if isinstance(fingerprint, Mapping) else _read(fingerprint)
+        result = _as_dict(fingerprint)
         result.setdefault("source", "given" if isinstance(fingerprint, Mapping) else str(fingerprint))
     elif encoder_fingerprint is not None and encoder_fingerprint.is_file():
         result = {**_read(encoder_fingerprint), "source": f"pretrained encoder ({encoder_fingerprint})"}
         print(f"[fingerprint] CT intensities mapped as in pretraining: {encoder_fingerprint}", flush=True)
-    elif stored is not None and stored.is_file() and _read(stored).get("files_digest") == digest:
-        result = _read(stored)
-        print(f"[fingerprint] reusing {stored} (same training files)", flush=True)
+    elif (
+        model_path
+        and (earlier := model_fingerprint(None, model_path)) is not None
+        and earlier.get("files_digest") == digest
+    ):
+        result = earlier
+        print(f"[fingerprint] reusing the one beside {model_path} (same training files)", flush=True)
     else:
         print(
             f"[fingerprint] no fingerprint given: computing nnU-Net's CT statistics from {len(files)} "
@@ -271,6 +273,13 @@ def resolve_fingerprint(
     return result
 
 
+def _as_dict(fingerprint: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A given fingerprint (dict or JSON path) as a new dict; None stays None."""
+    if fingerprint is None:
+        return None
+    return dict(fingerprint) if isinstance(fingerprint, Mapping) else _read(fingerprint)
+
+
 def _read(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -285,6 +294,6 @@ def model_fingerprint(
     after training), else ``fingerprint.json`` beside ``model_path``, else None (a ``"ct"`` normalisation
     then refuses CT scans, naming them)."""
     if fingerprint is not None:
-        return dict(fingerprint) if isinstance(fingerprint, Mapping) else _read(fingerprint)
+        return _as_dict(fingerprint)
     stored = Path(model_path).parent / FINGERPRINT_FILE
     return _read(stored) if stored.is_file() else None

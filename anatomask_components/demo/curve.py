@@ -22,19 +22,10 @@ from monai.inferers import SlidingWindowInferer
 from anatomask_components.checkpointing import find_checkpoints
 from anatomask_components.data.fingerprint import model_fingerprint
 from anatomask_components.data.preprocessing import deterministic_transforms
+from anatomask_components.evaluation import case_metrics
 from anatomask_components.networks import STUNet
 
-__all__ = ["dice_per_label", "dsc_curve", "organ_hu"]
-
-
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """DSC per label id (NaN where both are empty)."""
-    scores = {}
-    for label in labels:
-        p, r = prediction == label, reference == label
-        total = int(p.sum()) + int(r.sum())
-        scores[label] = float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
-    return scores
+__all__ = ["dsc_curve", "organ_hu"]
 
 
 @torch.no_grad()
@@ -81,9 +72,9 @@ def dsc_curve(
         state = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(state["network"])
         prediction = inferer(image, network).argmax(1)[0].numpy()
-        scores = dice_per_label(prediction, reference, list(organs))
+        rows = case_metrics(prediction, reference, settings["spacing"], organs)
         iteration = int(state["trainer"]["iteration"])
-        curve.append({"iteration": iteration, "dsc": {organs[k]: v for k, v in scores.items()}})
+        curve.append({"iteration": iteration, "dsc": {row["name"]: row["dsc"] for row in rows}})
     return curve
 
 
