@@ -32,6 +32,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     KeyError,  # a datalist item without a required key
     RuntimeError,  # failed downloads; MONAI's "applying transform" wrapper (unwrapped first)
     FileNotFoundError,
+    FileExistsError,  # an output that must not exist yet
     IsADirectoryError,
     NotADirectoryError,
     PermissionError,
@@ -256,6 +257,120 @@ def export_bundle(name: str, out: str, weights: str | None = None) -> None:
     print(f"[export-bundle] {name} -> {archive} ({archive.stat().st_size} bytes)")
 
 
+def export_monailabel_app(out: str, pretrained: str, finetuned: str | tuple[str, ...] = ()) -> None:
+    """Write a MONAI Label 0.8.5 app with active learning on reconstruction difficulty (scoring method
+    anatomask_difficulty, strategy anatomask_hardest, and random), serving fine-tuning bundles if given. It
+    runs without this package installed: its code travels in the bundles' scripts/ folders.
+
+    Args:
+        out: app folder to write (new or empty).
+        pretrained: anatomask_pretrain archive made by export-bundle, or pretraining weights (flat state dict
+            with fingerprint.json beside it), exported here.
+        finetuned: fine-tuning archives made by export-bundle, comma-separated.
+    """
+    from anatomask_components.monailabel_app import export_monailabel_app as export
+
+    archives = [a for a in finetuned.split(",") if a] if isinstance(finetuned, str) else list(finetuned)
+    app = export(out, pretrained, archives)
+    bundles = sorted(p.name for p in (app / "model").iterdir())
+    print(f"[export-monailabel-app] {app}: bundles {', '.join(bundles)}")
+
+
+def rank_scans(
+    bundle: str,
+    dataset_dir: str,
+    out: str,
+    weights: str = "teacher",
+    num_masks: int = 4,
+    seed: int = 0,
+    batch_size: int = 2,
+    device: str | None = None,
+    maps: bool = True,
+) -> None:
+    """Rank scans by how hard a pretrained AnatoMask network finds them to reconstruct, most difficult first:
+    writes OUT/ranking.csv, OUT/ranking.html (thumbnails, difficulty overlays, histogram; needs matplotlib)
+    and OUT/maps/*.nii.gz. Unreadable scans are listed with their error. See docs/difficulty.md.
+
+    Args:
+        bundle: trained pretraining bundle folder (configs/inference.json, models/model.pt).
+        dataset_dir: folder of scans (recursive) or a datalist JSON.
+        out: output folder.
+        weights: teacher (newest training checkpoint's EMA teacher, else models/model.pt), student, or a file.
+        num_masks: random masks per window.
+        seed: seed of the masks.
+        batch_size: windows per forward pass.
+        device: cpu, cuda, ... (default: cuda if available).
+        maps: write the per-patch difficulty maps as NIfTI.
+    """
+    from anatomask_components.ranking import rank_scans as rank
+
+    result = rank(bundle, dataset_dir, out, weights, num_masks, seed, batch_size, device, maps)
+    print(
+        f"[rank-scans] {len(result['ranked'])} scored ({result['seconds_per_scan']:.1f} s per scan), "
+        f"{len(result['errors'])} could not be scored -> {result['csv']}, {result['html']}"
+    )
+    for scan, error in result["errors"]:
+        print(f"  not scored: {error}" if scan in error else f"  not scored: {scan}: {error}")
+
+
+def preprocess(
+    source: str,
+    bundle: str | tuple[str, ...] = "anatomask_pretrain",
+    workers: int = 4,
+    stage: str = "both",
+    bundle_root: str | None = None,
+    config_file: str | tuple[str, ...] = (),
+    cache_dir: str | None = None,
+    allow_bad: bool = False,
+) -> None:
+    """Fill the preprocessing cache ahead of training, in parallel, so that the run starts at once.
+
+    Prints a progress line and a summary (scans per second, bytes written, bad scans with their errors);
+    exits with code 1 when any scan is bad, unless ``--allow_bad``.
+
+    Args:
+        source: datalist JSON or dataset folder, as the bundle's ``datalist`` / ``dataset_dir``.
+        bundle: bundle name(s) or folder(s), e.g. anatomask_pretrain,anatomask_finetune_flare22.
+        workers: worker processes (0: in this process).
+        stage: pretrain, finetune or both: which of the bundles' datasets to fill.
+        bundle_root: the run's bundle root (default the bundle folder): the CT fingerprint is stored there.
+        config_file: further config files of the run (merged on top of configs/train.json).
+        cache_dir: cache folder (default: the bundle's, i.e. the machine's cache).
+        allow_bad: exit with code 0 even when bad scans were found.
+    """
+    from anatomask_components.data.cache import CacheFullError
+    from anatomask_components.data.preprocess import preprocess as fill
+
+    files = (config_file,) if isinstance(config_file, str) else tuple(config_file)
+    try:
+        report = fill(source, bundle, workers, stage, bundle_root, files, cache_dir)
+    except CacheFullError as error:
+        raise CommandFailed(str(error)) from error
+    if report["bad"] and not allow_bad:
+        raise CommandFailed(f"{len(report['bad'])} of {report['scans']} scans are bad (listed above)")
+
+
+def cache(
+    cache_dir: str | None = None,
+    prune_before: str | None = None,
+    max_size: str | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Show the preprocessing cache's size per dataset; prune what no run used since a date or beyond a size.
+
+    Entries of runs in progress are never removed.
+
+    Args:
+        cache_dir: cache folder (default $ANATOMASK_PREPROCESSED_CACHE or ~/.cache/anatomask/preprocessed).
+        prune_before: remove entries last used before this date (2026-12-01 or 2026-12-01T08:30).
+        max_size: then remove the least recently used entries until the cache holds at most this (50GB).
+        dry_run: only report what pruning would remove.
+    """
+    from anatomask_components.data.cache import cache_command
+
+    cache_command(cache_dir, prune_before, max_size, dry_run)
+
+
 COMMANDS = {
     "info": info,
     "datalist": datalist,
@@ -266,6 +381,10 @@ COMMANDS = {
     "report": report,
     "demo": demo,
     "export-bundle": export_bundle,
+    "preprocess": preprocess,
+    "cache": cache,
+    "export-monailabel-app": export_monailabel_app,
+    "rank-scans": rank_scans,
 }
 
 

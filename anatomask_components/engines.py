@@ -1,4 +1,4 @@
-"""The AnatoMask / SparK / HPM pretraining iteration for MONAI's Ignite workflows (METHOD.md 2 and 11)."""
+"""The AnatoMask / SparK / HPM pretraining iteration for MONAI's Ignite workflows (docs/method.md §6, §12)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from anatomask_components.masking import (
 )
 from anatomask_components.teacher import EMATeacher, unwrap_model
 
-__all__ = ["AnatoMaskIteration", "training_scalars"]
+__all__ = ["AnatoMaskIteration", "masked_patch_errors", "training_scalars"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Masking = Literal["anatomask", "random", "hpm"]
@@ -291,6 +291,30 @@ class AnatoMaskIteration:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def masked_patch_errors(
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: tuple[int, int, int],
+    teacher_target: Literal["raw", "normalized"] = "raw",
+) -> torch.Tensor:
+    """The teacher's score: reconstruction error of each patch that ``network`` had to reconstruct.
+
+    Args:
+        network: a pretraining model called as ``network(x, mask)``.
+        x: ``(B, C, H, W, D)`` input.
+        mask: ``(B, L)`` bool, True = masked.
+        patch_size: the mask unit.
+        teacher_target: ``"raw"`` (reference) or ``"normalized"`` per-patch target
+            (:func:`~anatomask_components.losses.patch_scores`).
+
+    Returns:
+        ``(B, L)`` mean squared error per masked patch; 0 on visible patches.
+    """
+    normalized = teacher_target == "normalized"
+    return patch_scores(network(x, mask), x, patch_size, normalized_target=normalized).masked_fill(~mask, 0.0)
+
+
 def training_scalars(output: dict[str, Any]) -> dict[str, float]:
     """The per-iteration scalars logged to the console and TensorBoard."""
     return {k: float(output[k]) for k in _SCALARS if k in output}
@@ -352,9 +376,7 @@ class ReconstructionInference:
         mask = random_patch_mask(x.shape[0], length, self.mask_ratio, generator=generator, device=device)
         scorer = self.scorer if self.scorer is not None else network
         scorer.eval()
-        scores = patch_scores(
-            scorer(x, mask), x, patch, normalized_target=self.teacher_target == "normalized"
-        ).masked_fill(~mask, 0.0)
+        scores = masked_patch_errors(scorer, x, mask, patch, self.teacher_target)
         if num_hard(num_masked(length, self.mask_ratio), self.hard_ratio) > 0:
             mask = reconstruction_guided_mask(
                 scores, self.mask_ratio, self.hard_ratio, candidates=mask, generator=generator

@@ -41,12 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
 from monai.metrics import compute_surface_dice
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from scipy import ndimage
 
-from anatomask_components.data.datalists import build_datalist, find_scans
+from anatomask_components.data.datalists import build_datalist, find_scans, load_datalist_section
 from anatomask_components.data.labels import RemapLabelsd
 from anatomask_components.data.readers import AnatoMaskReader, image_suffix, is_dicom_series_dir
 from anatomask_components.data.validation import InvalidScanError, ValidateScand
@@ -172,8 +171,8 @@ def datalist_section(
     """
     source = Path(source)
     if source.is_file():
-        content = json.loads(source.read_text(encoding="utf-8"))
-        items = load_decathlon_datalist(source, data_list_key=section) if content.get(section) else []
+        # one-line errors for broken JSON, repeated items dropped with a warning
+        items = load_datalist_section(source, section)
     else:
         items = build_datalist(str(source)).get(section, [])
     if require_labels:

@@ -95,6 +95,8 @@ class PretrainedWeightsLoader:
         network_key: ``"student"`` or ``"teacher"`` for training checkpoints of the pretraining bundle.
         adapt_channels: adapt the input convolutions to the network's input channels.
         require_all: fail unless every network tensor is loaded.
+        strict_shapes: fail instead of warning when the file holds a network tensor under another shape
+            (a checkpoint of another network); the bundles' ``strict_pretrained`` key.
         report_path: also write the report as JSON here (counts and tensor names; ``{"source": null}`` when
             training from scratch), e.g. ``runs/weight_transfer.json``.
     """
@@ -106,6 +108,7 @@ class PretrainedWeightsLoader:
         network_key: str = "student",
         adapt_channels: bool = True,
         require_all: bool = False,
+        strict_shapes: bool = False,
         report_path: str | os.PathLike | None = None,
     ) -> None:
         self.load_path = load_path
@@ -113,6 +116,7 @@ class PretrainedWeightsLoader:
         self.network_key = network_key
         self.adapt_channels = adapt_channels
         self.require_all = require_all
+        self.strict_shapes = strict_shapes
         self.report_path = Path(report_path) if report_path else None
         self.report: WeightTransferReport | None = None
 
@@ -132,6 +136,7 @@ class PretrainedWeightsLoader:
             network_key=self.network_key,
             adapt_channels=self.adapt_channels,
             require_all=self.require_all,
+            strict_shapes=self.strict_shapes,
         )
         logger.info(self.report.summary())
         self._write_report(

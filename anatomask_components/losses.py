@@ -1,5 +1,5 @@
-"""Masked reconstruction loss, the teacher's per-patch scores (METHOD.md sections 2 and 5) and the loss of
-the HPM loss predictor (section 11)."""
+"""Masked reconstruction loss, the teacher's per-patch scores (docs/method.md §6.2 and §9) and the loss of
+the HPM loss predictor (docs/method.md §12.2)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def loss_prediction_loss(
     kind: LossPredictionKind = "relative",
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Loss of HPM's loss predictor against the reconstruction losses of the masked patches (METHOD.md 11).
+    """Loss of HPM's loss predictor against the masked patches' reconstruction losses (docs/method.md §12.2).
 
     ``"relative"`` (HPM's default) learns the order of the losses: for every ordered pair ``(i, j)`` of
     masked patches of one image whose target losses differ, binary cross-entropy of

@@ -1,4 +1,4 @@
-"""Mask generators and the easy-to-hard masking dynamics (METHOD.md sections 1-3).
+"""Mask generators and the easy-to-hard masking dynamics (docs/method.md §2, §6.3 and §7).
 
 Masks are bool tensors of shape ``(B, L)``, True = masked, over the patch grid in raster order. All
 generators are vectorised on the tensors' device and reproducible with a ``torch.Generator``.

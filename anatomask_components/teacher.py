@@ -1,4 +1,4 @@
-"""EMA teacher as an Ignite handler (METHOD.md section 4)."""
+"""EMA teacher as an Ignite handler (docs/method.md §8)."""
 
 from __future__ import annotations
 

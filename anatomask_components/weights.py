@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,9 @@ def _numpy_safe_globals() -> list[Any]:
     Files written with NumPy 1.x name the module ``numpy.core``, NumPy 2 names it ``numpy._core``; both
     spellings are allowed.
     """
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    # NumPy 1.26 has a numpy._core stub without a multiarray attribute until imported (MONAI Label's pins)
+    numpy2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+    multiarray = np._core.multiarray if numpy2 else np.core.multiarray
     allowed: list[Any] = [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
     allowed += [
         (multiarray.scalar, "numpy.core.multiarray.scalar"),
@@ -399,8 +402,13 @@ def transfer_weights(
     adapt_channels: bool = True,
     input_conv_keys: Sequence[str] | None = None,
     require_all: bool = False,
+    strict_shapes: bool = False,
 ) -> WeightTransferReport:
     """Load pretrained weights into ``network`` by name, and report what was loaded and what was not.
+
+    Network tensors that the file holds under another shape are left at their initial values with a warning
+    naming each one and both shapes (a checkpoint of another network: AMOS22's 16-class model in a
+    14-class FLARE22 network leaves the output heads random); ``strict_shapes`` makes that an error.
 
     Args:
         network: the fine-tuning network (a :class:`~anatomask_components.networks.STUNet`, or a network
@@ -414,6 +422,9 @@ def transfer_weights(
             :data:`STUNET_INPUT_CONV_KEYS`, or :data:`VIT_INPUT_CONV_KEYS` for a ViT network.
         require_all: raise unless every network tensor is loaded (e.g. for official STU-Net weights with
             the same classes, or for a fine-tuned ``model.pt``).
+        strict_shapes: raise instead of warning when a tensor of the file has another shape than the
+            network's (tensors the file does not hold at all, like a decoder after an encoder-only file,
+            are expected and only reported).
 
     Returns:
         the :class:`WeightTransferReport`.
@@ -421,7 +432,11 @@ def transfer_weights(
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: unreadable file or format, no tensor matches the network (the message names the file
-            and shows keys of both), or ``require_all`` and some tensors were not loaded.
+            and shows keys of both), ``require_all`` and some tensors were not loaded, or ``strict_shapes``
+            and some tensors have another shape.
+
+    Warns:
+        UserWarning: network tensors left at their initial values because of a shape mismatch.
     """
     name = str(source) if not isinstance(source, Mapping) else "<in-memory state dict>"
     checkpoint = load_checkpoint(source) if not isinstance(source, Mapping) else source
@@ -465,6 +480,18 @@ def transfer_weights(
         )
     if require_all and report.num_initial:
         raise ValueError(f"{name}: not every network tensor was loaded\n{report.summary()}")
+    if report.shape_mismatch:
+        mismatches = "; ".join(
+            f"{key}: file {list(file_shape)}, network {list(net_shape)}"
+            for key, (file_shape, net_shape) in report.shape_mismatch.items()
+        )
+        message = (
+            f"{name}: {len(report.shape_mismatch)} of {report.num_network_tensors} network tensors have "
+            f"another shape in the file and keep their initial (random) values: {mismatches}"
+        )
+        if strict_shapes:
+            raise ValueError(f"{message}; refused (strict_shapes)")
+        warnings.warn(f"{message}; is it a checkpoint of another network?", stacklevel=2)
     with torch.no_grad():
         for key, value in updates.items():
             target[key].copy_(value)

@@ -129,7 +129,8 @@ def test_fingerprint_with_on_error_warn_summarises_the_skipped_scans(
         (["report", "{tmp}/missing.json"], "anatomask report: error: "),
         (
             ["check-data", "{tmp}/not_json.json"],
-            "anatomask check-data: error: {tmp}/not_json.json: not a JSON",
+            "anatomask check-data: error: {tmp}/not_json.json: invalid JSON at line 1 column 2: Expecting "
+            "property name enclosed in double quotes",
         ),
     ],
     ids=["missing-file", "bad-option", "report-missing", "not-json"],

@@ -151,8 +151,8 @@ def test_quick_demo_report_has_every_figure_and_a_row_per_organ_of_case_c(demo_o
     results = json.loads((demo_output / "results.json").read_text())
     expected = json.loads(json.dumps(asdict(DemoSettings.preset(quick=True, seed=results["seed"]))))
     assert results["settings"] == expected
-    html_text = (demo_output / "report.html").read_text()
-    markdown = (demo_output / "report.md").read_text()
+    html_text = (demo_output / "report.html").read_text(encoding="utf-8")
+    markdown = (demo_output / "report.md").read_text(encoding="utf-8")
     for name in FIGURES:
         png = demo_output / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
@@ -194,7 +194,7 @@ def test_quick_demo_reports_case_c_against_its_target_with_the_curve(demo_output
     the curve has one point per kept checkpoint. (The quick demo's 60 fine-tuning iterations do not segment
     case C yet, so this does not assert a non-zero liver DSC; the full demo's figures are in the README.)"""
     results = json.loads((demo_output / "results.json").read_text())
-    markdown = (demo_output / "report.md").read_text()
+    markdown = (demo_output / "report.md").read_text(encoding="utf-8")
     assert "Best initialisation on case C" in markdown and "do not fit even the training case" not in markdown
     curves = results["curves"]["runs"]
     settings = DemoSettings.preset(quick=True, seed=results["seed"])

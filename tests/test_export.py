@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigExpression, ConfigWorkflow
 
 import anatomask_components
 from anatomask_components import cli
@@ -31,7 +31,7 @@ from anatomask_components.data.phantoms import (
     write_phantom_dataset,
 )
 from anatomask_components.data.writers import write_volume
-from anatomask_components.export import BUNDLE_NAMES, export_bundle
+from anatomask_components.export import BUNDLE_NAMES, SCRIPTS_LOADER, export_bundle
 from anatomask_components.networks import STUNet
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -78,11 +78,13 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 
 def package_sources() -> dict[str, str]:
-    """The package's modules a bundle needs: all but the command line, the exporter and the demo."""
+    """The package's modules a bundle needs: all but the command line, the exporters, the demo and the files
+    of the MONAI Label app."""
+    left_out = ("cli.py", "export.py", "demo", "monailabel_app.py", "monailabel_app_files")
     return {
         p.relative_to(PACKAGE_DIR).as_posix(): p.read_text(encoding="utf-8")
         for p in PACKAGE_DIR.rglob("*.py")
-        if p.relative_to(PACKAGE_DIR).parts[0] not in ("cli.py", "export.py", "demo")
+        if p.relative_to(PACKAGE_DIR).parts[0] not in left_out
     }
 
 
@@ -115,13 +117,23 @@ def test_scripts_are_the_package(name, archives, tmp_path):
             if isinstance(node, ast.Import | ast.ImportFrom):
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 assert not [m for m in modules if m and m.split(".")[0] == PACKAGE], (path, modules)
-    assert (bundle / "scripts" / "__init__.py").is_file()
+    # importing scripts loads the modules that the configs' imports named
+    imported = {
+        line.removeprefix("$import ")
+        for config in (BUNDLES / name / "configs").glob("*.json")
+        for line in json.loads(config.read_text()).get("imports", [])
+        if PACKAGE in line
+    }
+    init = ast.parse((bundle / "scripts" / "__init__.py").read_text())
+    assert {alias.name for node in init.body if isinstance(node, ast.Import) for alias in node.names} == {
+        f"scripts.{module}" for module in imported
+    }
 
 
 @pytest.mark.parametrize("name", BUNDLE_NAMES)
 def test_bundle_files(name, archives, tmp_path):
-    """Configs name the package under scripts, nothing else changes; metadata drops the package but keeps its
-    requirements; the other files are the repository's."""
+    """Configs reach the package through the ``scripts`` item, nothing else changes; metadata drops the
+    package but keeps its requirements; the other files are the repository's."""
     bundle = unpack(archives[name], tmp_path)
     assert bundle.name == name
     source = BUNDLES / name
@@ -136,18 +148,37 @@ def test_bundle_files(name, archives, tmp_path):
         if config == "metadata.json":
             check_metadata(json.loads(text), json.loads(original))
         elif config.endswith(".json"):
-            content = json.loads(text)
-            assert not [s for s in strings(content) if BARE_PACKAGE.search(s)], config
-            imports = content.get("imports", [])
-            package_imports = [i for i, line in enumerate(imports) if f"scripts.{PACKAGE}" in line]
-            if package_imports:
-                assert imports.index("$import scripts") < package_imports[0], config
-            restored = json.loads(text.replace(f"scripts.{PACKAGE}", PACKAGE))
-            if "$import scripts" in restored.get("imports", []):
-                restored["imports"].remove("$import scripts")
-            assert restored == json.loads(original), config
+            check_config(json.loads(text), json.loads(original), config)
         else:
             assert text == original, config
+
+
+def check_config(exported: dict, original: dict, config: str) -> None:
+    """No import statement names the package (MONAI runs them before anything else, when the bundle folder
+    may not be on sys.path yet); a config that imported it defines the loader item instead and resolves it
+    first in ``initialize``; undoing the rewrite gives the repository's config back."""
+    assert not [s for s in strings(exported) if BARE_PACKAGE.search(s)], config
+    for text in strings(exported):
+        if text.startswith("$") and "import" in text:
+            # MONAI parses such a string as Python before replacing its "@" references: none may be there
+            ast.parse(text[1:])
+            assert not ConfigExpression.is_import_statement(text) or "scripts" not in text, (config, text)
+    restored = json.loads(
+        json.dumps(exported).replace(f"@scripts.{PACKAGE}", PACKAGE).replace(f"scripts.{PACKAGE}", PACKAGE)
+    )
+    if any(PACKAGE in line for line in original.get("imports", [])):
+        assert exported["scripts"] == SCRIPTS_LOADER, config
+        assert exported["imports"] == [line for line in original["imports"] if PACKAGE not in line] + [
+            line for line in ("$import os", "$import sys") if line not in original["imports"]
+        ], config
+        del restored["scripts"]
+        restored["imports"] = original["imports"]
+        if "initialize" in original:
+            assert exported["initialize"][0] == "$@scripts", config
+            restored["initialize"] = restored["initialize"][1:]
+    else:
+        assert "scripts" not in exported, config
+    assert restored == original, config
 
 
 def check_metadata(exported: dict, original: dict) -> None:
@@ -217,10 +248,27 @@ def test_properties_without_package(name, archives, data, tmp_path, monkeypatch,
         assert importlib.import_module(module).__file__ == str(path)
 
 
+def monai_bundle_run(
+    bundle: Path, cwd: Path, config_files: list[str], *args: str
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of an unpacked archive where the package cannot be imported, started in
+    ``cwd``: in the bundle folder with relative paths, elsewhere with ``--bundle_root`` (no PYTHONPATH)."""
+    if cwd == bundle:
+        paths = [f"configs/{name}" for name in config_files]
+    else:
+        paths = [str(bundle / "configs" / name) for name in config_files]
+        args = ("--bundle_root", str(bundle), *args)
+    command = [sys.executable, "-c", WITHOUT_PACKAGE, "run", "--config_file", json.dumps(paths), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
 @pytest.mark.slow
-def test_inference_without_package(tmp_path):
+@pytest.mark.parametrize("where", ["bundle folder", "elsewhere"])
+def test_inference_without_package(where, tmp_path):
     """The FLARE22 archive with tiny weights segments a scan under ``python -m monai.bundle run`` started in
-    the unpacked folder, where the package cannot be imported."""
+    the unpacked folder, or in another folder with ``--bundle_root``, where the package cannot be imported."""
     torch.manual_seed(0)
     torch.save(STUNet(1, 14, **TINY).state_dict(), tmp_path / "model.pt")
     write_fingerprint(tmp_path / "model.pt", phantom_fingerprint())
@@ -236,20 +284,45 @@ def test_inference_without_package(tmp_path):
     affine = make_affine((1.5, 1.5, 2.0), rotation_deg=(0, 0, 10))
     image, _, _ = make_phantom((40, 36, 20), num_classes=14, seed=3, affine=affine)
     write_volume(tmp_path / "scans" / "case.nii.gz", image, affine)
-    command = [
-        sys.executable, "-c", WITHOUT_PACKAGE, "run",
-        "--config_file", "['configs/inference.json','configs/small_override.json']",
+    cwd = bundle if where == "bundle folder" else tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    done = monai_bundle_run(
+        bundle,
+        cwd,
+        ["inference.json", "small_override.json"],
         "--dataset_dir", str(tmp_path / "scans"),
         "--output_dir", str(tmp_path / "predictions"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=bundle, capture_output=True, text=True, env=env, timeout=600)
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"scripts.{PACKAGE}.handlers" in done.stdout + done.stderr  # the code ran from scripts/
     written = nib.load(tmp_path / "predictions" / "case_seg.nii.gz")
     assert written.shape == (40, 36, 20)
     np.testing.assert_allclose(written.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(written.dataobj))) <= set(range(14))
+
+
+@pytest.mark.slow
+def test_training_from_another_directory(tmp_path):
+    """The pretraining archive trains with ``--bundle_root`` from another folder, without the package: its
+    run lock (built in ``initialize``, before MONAI puts the bundle on sys.path) comes from scripts/ too, and
+    everything is written in the bundle, nothing where it was started."""
+    bundle = unpack(export_bundle("anatomask_pretrain", tmp_path / "pretrain.zip"), tmp_path / "unpacked")
+    write_phantom_dataset(tmp_path / "scans", n_cases=2, shape=(40, 40, 44), layout="folder", seed=3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = monai_bundle_run(
+        bundle,
+        elsewhere,
+        ["train.json", "small_override.json"],
+        "--dataset_dir", str(tmp_path / "scans"),
+        "--roi_size", "[32, 32, 32]", "--batch_size", "1", "--max_epochs", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"scripts.{PACKAGE}.run_lock - INFO - locked {bundle / 'runs' / '.training.lock'}" in done.stdout
+    assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "encoder.pt").is_file()
+    assert (bundle / "runs" / "checkpoints" / "checkpoint_2.pt").is_file()
+    assert not list(bundle.rglob(".training.lock"))
+    assert not list(elsewhere.iterdir())
 
 
 def test_weights_without_their_fingerprint_are_refused(tmp_path):

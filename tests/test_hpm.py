@@ -1,4 +1,4 @@
-"""Hard Patches Mining (SelfMedHPM's mask generator, METHOD.md section 11): losses, predictors, iteration."""
+"""Hard Patches Mining (SelfMedHPM's mask generator, docs/method.md §12): losses, predictors, iteration."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Masked reconstruction loss, teacher scores and patch helpers (METHOD.md sections 1, 2 and 5)."""
+"""Masked reconstruction loss, teacher scores and patch helpers (docs/method.md §2, §6.2 and §9)."""
 
 from __future__ import annotations
 

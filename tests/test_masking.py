@@ -1,4 +1,4 @@
-"""Mask generators and masking dynamics (METHOD.md sections 1-3).
+"""Mask generators and masking dynamics (docs/method.md §2, §6.3 and §7).
 
 hypothesis is not a dependency of the project, so the property tests loop over a seeded grid.
 """

@@ -1,4 +1,4 @@
-"""AnatoMask pretraining network: sizes, keys, decoders and the absence of leaks (METHOD.md 6-8)."""
+"""AnatoMask pretraining network: sizes, keys, decoders and the absence of leaks (docs/method.md §3-§5)."""
 
 from __future__ import annotations
 

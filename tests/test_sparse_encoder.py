@@ -1,4 +1,4 @@
-"""Sparse STU-Net encoder: masked instance norm, backend agreement, no leak (METHOD.md section 6)."""
+"""Sparse STU-Net encoder: masked instance norm, backend agreement, no leak (docs/method.md §4)."""
 
 from __future__ import annotations
 

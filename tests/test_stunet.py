@@ -1,4 +1,4 @@
-"""STU-Net: preset sizes, official key layout, residual block, deep supervision (METHOD.md section 8)."""
+"""STU-Net: preset sizes, official key layout, residual block, deep supervision (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from anatomask_components.networks.stunet import (
     print_presets,
 )
 
-# METHOD.md section 8, 1 input and 105 output channels, in millions
+# docs/method.md §3.2, 1 input and 105 output channels, in millions
 PAPER_PARAMS_M = {"S": 14.60, "B": 58.26, "L": 440.30, "H": 1457.33}
 PAPER_PRESETS = {
     "S": (1, (16, 32, 64, 128, 256, 256)),

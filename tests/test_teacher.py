@@ -1,4 +1,4 @@
-"""EMA teacher (METHOD.md section 4)."""
+"""EMA teacher (docs/method.md §8)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -332,3 +333,40 @@ def test_a_weights_only_failure_without_a_global_is_not_a_refusal(tmp_path, monk
     monkeypatch.setattr(torch, "load", failing_load)
     with pytest.raises(ValueError, match=r"notes\.pt: not a readable PyTorch checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_of_another_network_warns_with_every_tensor_left_random(tmp_path):
+    """AMOS22's 16-class model into a 14-class FLARE22 network: the output heads cannot be loaded."""
+    torch.manual_seed(0)
+    path = tmp_path / "amos22_model.pt"
+    atomic_save(STUNet(1, 16, **TINY).state_dict(), path)
+    network = STUNet(1, 14, **TINY)
+    heads = {k: tuple(v.shape) for k, v in network.state_dict().items() if k.startswith("seg_outputs.")}
+    assert len(heads) == 8  # 4 deep-supervision heads, weight and bias
+
+    with pytest.warns(UserWarning) as caught:
+        report = transfer_weights(network, path)
+
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(
+        f"{path}: 8 of {report.num_network_tensors} network tensors have another shape in the file and keep "
+        "their initial (random) values: seg_outputs.0.weight: file [16, 64, 1, 1, 1], network "
+        "[14, 64, 1, 1, 1]; "
+    )
+    for key, shape in heads.items():
+        assert f"{key}: file {[16, *shape[1:]]}, network {list(shape)}" in message
+    assert message.endswith("; is it a checkpoint of another network?")
+    assert report.num_transferred == report.num_network_tensors - 8
+
+    with pytest.raises(
+        ValueError, match=r"8 of \d+ network tensors have another shape.*refused \(strict_shapes\)"
+    ):
+        transfer_weights(STUNet(1, 14, **TINY), path, strict_shapes=True)
+    # an encoder-only file leaves the decoder out by design: no warning, and strict has nothing to refuse
+    encoder = {
+        k: v for k, v in STUNet(1, 16, **TINY).state_dict().items() if k.startswith("conv_blocks_context.")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = transfer_weights(STUNet(1, 14, **TINY), encoder, strict_shapes=True)
+    assert report.missing and not report.shape_mismatch

@@ -8,16 +8,14 @@ data layer, in :mod:`~anatomask_components.data.validation`.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from monai.transforms import Compose
 
-from anatomask_components.data.datalists import image_label
+from anatomask_components.data.datalists import SECTIONS, drop_duplicate_items, image_label, read_json
 from anatomask_components.data.preprocessing import loading_transforms
 from anatomask_components.data.readers import is_resource_error
 from anatomask_components.data.validation import InvalidScanError, find_invalid_scan_error
@@ -31,32 +29,38 @@ class MissingItemKeyError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def load_datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """A datalist and the name to give it in messages.
+def load_datalist(
+    datalist: str | os.PathLike | Mapping[str, Any],
+    sections: Iterable[str] = SECTIONS,
+    image_key: str = "image",
+) -> tuple[dict[str, Any], str]:
+    """A datalist and the name to give it in messages, each scan listed once per section.
 
     Args:
         datalist: a MONAI datalist dict or the path of its JSON file.
+        sections: the sections whose repeated items are dropped (one warning per section naming them).
+        image_key: the item key that identifies a scan.
 
     Returns:
         the datalist dict and its name (the path, or ``"datalist"`` for a dict).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a JSON object.
+        ValueError: invalid JSON (``"<path>: invalid JSON at line L column C: ..."``), or not a JSON object.
     """
     if isinstance(datalist, Mapping):
-        return dict(datalist), "datalist"
-    path = Path(datalist)
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not a JSON datalist ({error})") from error
+        content, name = dict(datalist), "datalist"
+    else:
+        content, name = read_json(datalist), str(datalist)
     if not isinstance(content, dict):
         raise ValueError(
-            f"{path}: a datalist is a JSON object of sections ('training', ...), "
+            f"{name}: a datalist is a JSON object of sections ('training', ...), "
             f"not a {type(content).__name__}"
         )
-    return content, str(path)
+    for section in sections:
+        if isinstance(content.get(section), list):
+            content[section] = drop_duplicate_items(content[section], f"{name} ({section})", image_key)
+    return content, name
 
 
 def datalist_items(
@@ -151,8 +155,8 @@ def check_datalist(
     """
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-    datalist, default_name = load_datalist(datalist)
     sections = list(sections)
+    datalist, default_name = load_datalist(datalist, sections, image_key)
     listed = datalist_items(datalist, sections, image_key, name or default_name)
     load = Compose(
         loading_transforms(

@@ -8,6 +8,7 @@ from a seed; optional k-fold cross-validation.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -141,12 +142,14 @@ def find_scans(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     does, its image files and each of its DICOM files are listed as scans of their own, with one warning
     naming the folder: a stray ``.dcm`` must not hide the NIfTI files next to it.
 
+    Symbolic links whose target does not exist are skipped with one warning that names them.
+
     Args:
         root: the folder.
 
     Returns:
-        sorted scan paths, and sorted paths of the non-image files that were skipped (hidden files and
-        the data files of ``.mhd``/``.nhdr`` headers are neither).
+        sorted scan paths, and sorted paths of the non-image files that were skipped (hidden files, dangling
+        links and the data files of ``.mhd``/``.nhdr`` headers are neither).
 
     Raises:
         InvalidScanError: the folder does not exist.
@@ -154,7 +157,7 @@ def find_scans(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     root = Path(root)
     if not root.is_dir():
         raise InvalidScanError(root, "folder does not exist")
-    scans, skipped = [], []
+    scans, skipped, dangling = [], [], []
     for folder, subfolders, files in os.walk(root):
         subfolders.sort()
         if is_dicom_series_dir(folder):
@@ -172,10 +175,20 @@ def find_scans(root: str | os.PathLike) -> tuple[list[str], list[str]]:
             )
         for name in names:
             path = Path(folder) / name
-            if name in images or name in dicom:
+            if path.is_symlink() and not path.exists():
+                dangling.append(str(path))
+            elif name in images or name in dicom:
                 scans.append(str(path))
             elif not name.lower().endswith(_COMPANION_SUFFIXES):
                 skipped.append(str(path))
+    if dangling:
+        shown = ", ".join(f"{link} -> {os.readlink(link)}" for link in dangling[:10])
+        more = f" and {len(dangling) - 10} more" if len(dangling) > 10 else ""
+        warnings.warn(
+            f"{root}: skipped {len(dangling)} dangling symbolic link(s), whose target does not exist: "
+            f"{shown}{more}",
+            stacklevel=2,
+        )
     return sorted(scans), sorted(skipped)
 
 
@@ -214,14 +227,104 @@ def folder_datalist(
     return split_items(items, fractions, seed, folds, fold)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file (a datalist, a ``dataset.json``), with errors of one line that name the file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        the parsed content.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: ``"<path>: invalid JSON at line L column C: <what>"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        # from None: the decoder's own traceback adds nothing to the position
+        raise ValueError(
+            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {error.start}: {error.reason})") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path)
     except FileNotFoundError:
         raise InvalidScanError(path, "file does not exist") from None
-    except json.JSONDecodeError as error:
-        raise InvalidScanError(path, f"not valid JSON ({error})") from error
+
+
+def drop_duplicate_items(
+    items: Sequence[Mapping[str, Any]], name: str = "datalist", image_key: str = "image"
+) -> list[dict[str, Any]]:
+    """Keep the first of the items that list the same image (same files, after resolving paths), with one
+    warning naming the repeated files and how often they appear.
+
+    Args:
+        items: datalist items (a bare path counts as ``{image_key: path}``).
+        name: the datalist (and section) in the warning.
+        image_key: the image key.
+
+    Returns:
+        the items without repeats, in their order.
+    """
+
+    def identity(item: Mapping[str, Any] | str) -> str:
+        value = item.get(image_key) if isinstance(item, Mapping) else item
+        files = value if isinstance(value, (list, tuple)) else [value]
+        return json.dumps([os.path.realpath(str(f)) if f is not None else None for f in files])
+
+    kept: dict[str, dict[str, Any]] = {}
+    repeats: dict[str, int] = {}
+    for item in items:
+        key = identity(item)
+        if key in kept:
+            repeats[key] = repeats.get(key, 1) + 1
+        else:
+            kept[key] = dict(item) if isinstance(item, Mapping) else {image_key: item}
+    if repeats:
+        shown = ", ".join(f"{', '.join(json.loads(key))} ({times} times)" for key, times in repeats.items())
+        dropped = sum(repeats.values()) - len(repeats)
+        warnings.warn(
+            f"{name}: {dropped} duplicate item(s) dropped, each scan is used once: {shown}", stacklevel=2
+        )
+    return list(kept.values())
+
+
+def load_datalist_section(datalist: str | os.PathLike, section: str) -> list[dict[str, Any]]:
+    """The items of one section of a MONAI datalist file, as ``monai.data.load_decathlon_datalist`` reads
+    them (relative paths resolved from the file's folder), checked first and without repeats.
+
+    Args:
+        datalist: the JSON file.
+        section: ``"training"``, ``"validation"``, ``"test"``, ...; a section the file lacks is empty.
+
+    Returns:
+        the items.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: invalid JSON (one line with the file and the position), or not a JSON object.
+    """
+    from monai.data import load_decathlon_datalist
+
+    content = read_json(datalist)
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"{datalist}: a datalist is a JSON object of sections ('training', ...), "
+            f"not a {type(content).__name__}"
+        )
+    if not content.get(section):
+        return []
+    items = load_decathlon_datalist(datalist, data_list_key=section)
+    return drop_duplicate_items(items, f"{datalist} ({section})")
 
 
 def nnunet_datalist(

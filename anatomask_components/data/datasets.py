@@ -4,8 +4,15 @@ The cache key of an item combines (1) every input file's path, size and modifica
 folder: those of its files) and (2) a digest of the deterministic transforms' parameters (every attribute
 of every transform before the first random one, plus this package's version). Changing a parameter
 (spacing, normalisation, fingerprint values, label mapping, ROI padding, ...) or replacing a file gives a
-new key, so stale volumes are never used; old files are simply left behind (delete the folder to reclaim
-space).
+new key, so stale volumes are never used; (3) the stored dtype (``cache_dtype``) and the file format.
+Old entries are left behind until ``anatomask cache`` prunes them (:mod:`anatomask_components.data.cache`,
+which also places the one cache per machine and records which dataset uses which entries).
+
+Stored compactly: a float tensor whose values are all integers of a small range (label maps) is stored as
+uint8 or int16, losslessly; any other float tensor (the normalised image) as float16 by default, 2 bytes a
+voxel (``cache_dtype="float32"`` keeps it exact). Transforms after the cache see the original dtype again:
+the random crop runs on the compact memory-mapped volume, so it reads only the voxels it keeps, and only
+the crop is converted back.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import threading
 import types
 import warnings
@@ -26,16 +32,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import Dataset
-from monai.transforms import Compose, RandomizableTrait, Transform
+from monai.data import Dataset, MetaTensor
+from monai.transforms import (
+    Compose,
+    Cropd,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandomizableTrait,
+    RandSpatialCropSamplesd,
+    RandWeightedCropd,
+    Transform,
+)
 from monai.utils import convert_to_tensor
 
 import anatomask_components
+from anatomask_components.data.cache import atomic_write, cache_full_error, dataset_name, hold, record_dataset
 from anatomask_components.data.readers import is_resource_error
 from anatomask_components.data.validation import InvalidScanError, find_invalid_scan_error
 
 # Bump when the cached content changes without any transform parameter changing.
-CACHE_FORMAT_VERSION = 1
+# 2: {"data": item with compact tensors, "dtypes": {key: original dtype}}.
+CACHE_FORMAT_VERSION = 2
+CACHE_DTYPES = ("float16", "float32")
+FLOAT16_MAX = 65504.0
 
 
 def cache_safe_globals() -> list[Any]:
@@ -189,13 +208,79 @@ def split_at_first_random(transform: Callable | Sequence[Callable]) -> tuple[Com
     return compose, first_random
 
 
+def compact_dtype(tensor: torch.Tensor, cache_dtype: str = "float16") -> torch.dtype:
+    """The dtype a float tensor is stored in: uint8 / int16 when all its values are integers in their range
+    (lossless: label maps), else ``cache_dtype`` when its finite values fit (float16: up to 65504), else
+    its own dtype. Non-float tensors keep theirs."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor.dtype
+    plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+    finite = bool(torch.isfinite(plain).all())
+    if finite and torch.equal(plain, torch.round(plain)):
+        low, high = float(plain.min()), float(plain.max())
+        if low >= 0 and high <= 255:
+            return torch.uint8
+        if low >= -(2**15) and high < 2**15:
+            return torch.int16
+    if cache_dtype == "float16" and plain.dtype in (torch.float32, torch.float64):
+        largest = float(torch.nan_to_num(plain, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+        if largest <= FLOAT16_MAX:
+            return torch.float16
+    return tensor.dtype
+
+
+def pack_item(item: Mapping[str, Any], cache_dtype: str = "float16") -> dict[str, Any]:
+    """What a cache file holds for ``item``: ``{"data": item with compact tensors, "dtypes": {key: original
+    dtype}}`` (see :func:`compact_dtype`; only the item's top-level tensors are converted)."""
+    data, dtypes = dict(item), {}
+    for key, value in item.items():
+        if isinstance(value, torch.Tensor):
+            dtype = compact_dtype(value, cache_dtype)
+            if dtype != value.dtype:
+                data[key] = value.to(dtype)
+                dtypes[str(key)] = str(value.dtype).removeprefix("torch.")
+    return {"data": data, "dtypes": dtypes}
+
+
+def unpack_item(data: Any, dtypes: Mapping[str, str]) -> Any:
+    """``data`` (an item, or a list of items from a multi-sample crop) with its tensors back in their
+    original dtypes."""
+    if isinstance(data, list):
+        return [unpack_item(d, dtypes) for d in data]
+    restored = dict(data)
+    for key, dtype in dtypes.items():
+        if isinstance(restored.get(key), torch.Tensor):
+            restored[key] = restored[key].to(getattr(torch, dtype))
+    return restored
+
+
+def _is_crop(transform: Any) -> bool:
+    """A transform that only selects voxels (it works in any dtype): the compact volume can be cropped
+    before its dtype is restored."""
+    crops = (
+        Cropd,
+        RandCropByLabelClassesd,
+        RandCropByPosNegLabeld,
+        RandSpatialCropSamplesd,
+        RandWeightedCropd,
+    )
+    return isinstance(transform, crops)
+
+
 class CachedScanDataset(Dataset):
     """Dataset that stores the deterministic preprocessing of every item on disk, reused across epochs.
 
     The transforms up to the first random one run once per item and file version; their output is saved
-    under ``cache_dir`` (``<key>.pt``) and memory-mapped on later epochs, so a random crop reads only the
-    part of the volume it needs. The random transforms run on every access. Writes are atomic (temporary
-    file + rename), so several DataLoader workers or processes can share one folder.
+    under ``cache_dir`` (``<key>.pt``, compact: see :func:`pack_item`) and memory-mapped on later epochs, so
+    a random crop reads only the part of the volume it needs; the crop is then converted back to the
+    original dtype (float32) before the other random transforms, which run on every access. The first
+    epoch returns the same compact-then-restored values as the later ones. Writes are atomic (temporary
+    file + rename), so several DataLoader workers or processes can share one folder; a full disk raises
+    :class:`~anatomask_components.data.cache.CacheFullError` naming the folder.
+
+    With a cache folder, the dataset records itself there
+    (:func:`~anatomask_components.data.cache.record_dataset`), holds a lease on its entries while it exists
+    (pruning never removes them) and marks each entry used on its first read in every process.
 
     Bad scans (:class:`InvalidScanError` anywhere in the deterministic part):
 
@@ -216,9 +301,12 @@ class CachedScanDataset(Dataset):
         data: datalist items.
         transform: a Compose (or sequence of transforms), e.g. from
             :mod:`anatomask_components.data.preprocessing`.
-        cache_dir: cache folder (created); None disables caching but keeps the bad-scan policy.
+        cache_dir: cache folder (created), e.g. :func:`~anatomask_components.data.cache.default_cache_dir`;
+            None disables caching (and compact storage) but keeps the bad-scan policy.
         on_invalid: ``"raise"`` or ``"warn"``.
         mmap: memory-map cached volumes instead of reading them whole.
+        cache_dtype: ``"float16"`` (2 bytes a voxel) or ``"float32"`` (exact) for the stored images.
+        name: the dataset's name in ``anatomask cache`` (default: the folder holding its files).
     """
 
     def __init__(
@@ -228,45 +316,83 @@ class CachedScanDataset(Dataset):
         cache_dir: str | os.PathLike | None,
         on_invalid: str = "raise",
         mmap: bool = True,
+        cache_dtype: str = "float16",
+        name: str | None = None,
     ):
         if on_invalid not in ("raise", "warn"):
             raise ValueError(f"on_invalid must be 'raise' or 'warn', got {on_invalid!r}")
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
         compose, self.first_random = split_at_first_random(transform)
         super().__init__(data, compose)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.on_invalid = on_invalid
         self.mmap = mmap
+        self.cache_dtype = cache_dtype
         self.transform_hash = transform_digest(compose.transforms[: self.first_random])
+        # Crops only select voxels: they run on the compact volume, and only the crop is converted back.
+        self._crop_first = self.first_random is not None and _is_crop(compose.transforms[self.first_random])
         self._invalid: set[int] = set()
+        self._used: set[int] = set()
+        self.dataset_id: str | None = None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            keys = [self.cache_key(i) for i in range(len(self.data))]
+            try:
+                self.dataset_id = record_dataset(
+                    self.cache_dir, keys, name or dataset_name(self.data), self.transform_hash, cache_dtype
+                )
+                hold(self.cache_dir, self.dataset_id, owner=self)
+            except OSError as error:  # a read-only cache still serves its entries
+                warnings.warn(
+                    f"cannot record this dataset in the cache {self.cache_dir} ({error}): `anatomask cache` "
+                    "will neither list it nor know it is in use",
+                    stacklevel=2,
+                )
+
+    def cache_key(self, index: int) -> str:
+        """The content key of item ``index``: its files, the cached transforms and the stored dtype."""
+        digest = item_digest(self.data[index]) + self.transform_hash + self.cache_dtype
+        return hashlib.sha256(digest.encode()).hexdigest()
 
     def cache_path(self, index: int) -> Path | None:
         """The cache file of item ``index`` (None without a cache folder)."""
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256((item_digest(self.data[index]) + self.transform_hash).encode()).hexdigest()
-        return self.cache_dir / f"{key}.pt"
+        return self.cache_dir / f"{self.cache_key(index)}.pt"
 
-    def _deterministic(self, index: int) -> Any:
+    def _load(self, path: Path) -> dict[str, Any] | None:
+        """A cache file's content, or None (with a warning, the file removed) when it cannot be used."""
+        try:
+            # Anyone who can write to the cache folder could plant a pickle that runs code: only the
+            # data types our own files hold are allowed, for this load only.
+            with _cache_globals_allowed():
+                stored = torch.load(path, weights_only=True, mmap=self.mmap)
+            if not (isinstance(stored, dict) and isinstance(stored.get("dtypes"), dict) and "data" in stored):
+                raise RuntimeError(f"not a cache file of format {CACHE_FORMAT_VERSION}")
+            return stored
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a full disk, or a refusal
+            warnings.warn(
+                f"unreadable cache file {path} ({_short_reason(error)}); recomputing it", stacklevel=3
+            )
+            path.unlink(missing_ok=True)
+            return None
+
+    def _deterministic(self, index: int) -> dict[str, Any]:
+        """The deterministic part of item ``index`` as stored: ``{"data": compact item, "dtypes": {...}}``."""
         item = dict(self.data[index])
         path = self.cache_path(index)
         if path is None:
-            return self.transform(item, end=self.first_random, threading=True)
+            return {"data": self.transform(item, end=self.first_random, threading=True), "dtypes": {}}
         marker = path.with_suffix(".invalid")
         if marker.exists():
             raise InvalidScanError(marker.read_text(encoding="utf-8"))
-        if path.exists():
-            try:
-                # Anyone who can write to the cache folder could plant a pickle that runs code: only the
-                # data types our own files hold are allowed, for this load only.
-                with _cache_globals_allowed():
-                    return torch.load(path, weights_only=True, mmap=self.mmap)
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a full disk, or a refusal
-                warnings.warn(
-                    f"unreadable cache file {path} ({_short_reason(error)}); recomputing it", stacklevel=2
-                )
-                path.unlink(missing_ok=True)
+        if path.exists() and (stored := self._load(path)) is not None:
+            if index not in self._used:
+                self._used.add(index)
+                with contextlib.suppress(OSError):  # a read-only cache still works, unrecorded
+                    os.utime(path)
+            return stored
         try:
             result = self.transform(item, end=self.first_random, threading=True)
         except Exception as error:
@@ -274,10 +400,44 @@ class CachedScanDataset(Dataset):
             # The marker is permanent, so only a file that cannot be parsed earns it, never a lack of
             # memory or file handles (even one that some transform reported as an InvalidScanError).
             if invalid is not None and self.on_invalid == "warn" and not is_resource_error(error):
-                _atomic_write(marker, lambda f: f.write(str(invalid).encode()))
+                self._write(marker, lambda f: f.write(str(invalid).encode()))
             raise
-        _atomic_write(path, lambda f: torch.save(convert_to_tensor(result, track_meta=True), f))
-        return result
+        stored = pack_item(convert_to_tensor(result, track_meta=True), self.cache_dtype)
+        self._write(path, lambda f: torch.save(stored, f))
+        self._used.add(index)
+        return stored
+
+    def _write(self, path: Path, write: Callable[[Any], None]) -> None:
+        try:
+            atomic_write(path, write)
+        except OSError as error:
+            full = cache_full_error(path.parent, error)
+            if full is not None:
+                raise full from error
+            raise
+
+    def precompute(self, index: int) -> str:
+        """Fill the cache entry of item ``index`` (``anatomask preprocess``).
+
+        Returns:
+            ``"cached"`` if it was there already, else ``"computed"``. Errors propagate as in ``__getitem__``
+            (a bad scan under ``on_invalid="warn"`` is marked first).
+        """
+        path = self.cache_path(index)
+        existed = path is not None and path.exists()
+        self._deterministic(index)
+        return "cached" if existed else "computed"
+
+    def _random_part(self, stored: Mapping[str, Any]) -> Any:
+        data, dtypes = stored["data"], stored["dtypes"]
+        if self.first_random is None:
+            return unpack_item(data, dtypes)
+        if not self._crop_first:
+            return self.transform(unpack_item(data, dtypes), start=self.first_random)
+        cropped = self.transform(data, start=self.first_random, end=self.first_random + 1)
+        if self.first_random + 1 == len(self.transform.transforms):
+            return unpack_item(cropped, dtypes)
+        return self.transform(unpack_item(cropped, dtypes), start=self.first_random + 1)
 
     def _transform(self, index: int) -> Any:
         for offset in range(len(self.data)):
@@ -285,7 +445,7 @@ class CachedScanDataset(Dataset):
             if candidate in self._invalid:
                 continue
             try:
-                pre = self._deterministic(candidate)
+                stored = self._deterministic(candidate)
             except Exception as error:
                 invalid = find_invalid_scan_error(error)
                 if invalid is None or is_resource_error(error):
@@ -295,22 +455,8 @@ class CachedScanDataset(Dataset):
                 self._invalid.add(candidate)
                 warnings.warn(f"skipping invalid scan: {invalid}", stacklevel=2)
                 continue
-            if self.first_random is None:
-                return pre
-            return self.transform(pre, start=self.first_random)
+            return self._random_part(stored)
         raise RuntimeError(f"all {len(self.data)} items of the dataset are invalid scans")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def cached_dataset(
@@ -318,6 +464,7 @@ def cached_dataset(
     transform: Callable | Sequence[Callable],
     cache_dir: str | os.PathLike | None,
     on_invalid: str = "raise",
+    cache_dtype: str = "float16",
 ) -> CachedScanDataset:
     """A :class:`CachedScanDataset` (convenience for bundle configs and scripts).
 
@@ -326,8 +473,9 @@ def cached_dataset(
         transform: preprocessing, e.g. ``pretrain_transforms(...)``.
         cache_dir: cache folder; None disables caching.
         on_invalid: ``"raise"`` or ``"warn"`` (skip bad scans with a warning).
+        cache_dtype: ``"float16"`` or ``"float32"`` for the stored images.
 
     Returns:
         the dataset.
     """
-    return CachedScanDataset(data, transform, cache_dir, on_invalid=on_invalid)
+    return CachedScanDataset(data, transform, cache_dir, on_invalid=on_invalid, cache_dtype=cache_dtype)

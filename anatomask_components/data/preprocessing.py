@@ -72,8 +72,18 @@ def loading_transforms(
     image_channel_dim: int | None = None,
     check_finite: bool = True,
     label_optional: bool = False,
+    accepted_modalities: Sequence[str] | None = None,
+    channel_modalities: Sequence[str] | None = None,
+    modality_key: str = "modality",
+    spacing: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
 ) -> list:
-    """Load, make channel-first, remap and check labels, reorient to RAS.
+    """Load, make channel-first, remap and check labels, check what the images mean, reorient to RAS.
+
+    Images that cannot be used are an ``InvalidScanError`` naming the file: a modality outside
+    ``accepted_modalities``, a constant channel; implausible ones get a warning naming the file: integer or
+    boolean CT whose values cannot be HU, a voxel axis over 5x coarser than another, fewer voxels after
+    resampling than ``roi_size`` (see :class:`~anatomask_components.data.validation.ValidateScand`).
 
     Args:
         image_key: item key of the image path (or list of channel paths).
@@ -85,6 +95,10 @@ def loading_transforms(
         check_finite: reject images with NaN/Inf voxels.
         label_optional: accept items without ``label_key`` (checking or fingerprinting a datalist that
             mixes labelled and unlabelled scans); otherwise a missing label is a KeyError.
+        accepted_modalities: the modalities the model is built for, e.g. ``("CT",)``; None accepts any.
+        channel_modalities, modality_key: where the modality of each channel is read (see
+            :func:`deterministic_transforms`).
+        spacing, roi_size: the target voxel size and training window, for the warnings only.
 
     Returns:
         the list of transforms; images come out (C, H, W, D) float32 in RAS, labels (1, H, W, D).
@@ -98,7 +112,19 @@ def loading_transforms(
     if label_key and label_mapping is not None:
         transforms.append(RemapLabelsd(label_key, label_mapping, allow_missing_keys=label_optional))
     transforms += [
-        ValidateScand(image_key, label_key=label_key, num_classes=num_classes, check_finite=check_finite),
+        ValidateScand(
+            image_key,
+            label_key=label_key,
+            num_classes=num_classes,
+            check_finite=check_finite,
+            accepted_modalities=accepted_modalities,
+            modality_key=modality_key,
+            channel_modalities=channel_modalities,
+            check_constant=True,
+            warn_implausible=True,
+            spacing=spacing,
+            roi_size=roi_size,
+        ),
         Orientationd(keys, axcodes="RAS", labels=RAS_LABELS, allow_missing_keys=label_optional),
     ]
     return transforms
@@ -117,6 +143,8 @@ def deterministic_transforms(
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
     check_finite: bool = True,
+    accepted_modalities: Sequence[str] | None = None,
+    roi_size: Sequence[int] | None = None,
 ) -> Compose:
     """The one deterministic preprocessing path: load, check, RAS, resample, normalise.
 
@@ -138,6 +166,10 @@ def deterministic_transforms(
         image_channel_dim: ``-1`` for MSD-style 4D multi-channel files.
         suv_max: SUV clip for the ``"suv"`` scheme.
         check_finite: reject images with NaN/Inf voxels.
+        accepted_modalities: reject images of other modalities (item field or DICOM Modality tag), e.g.
+            ``("CT",)`` for a CT-only model; None accepts any. See :func:`loading_transforms` for the other
+            checks of meaning.
+        roi_size: the training window, only to warn about scans smaller than it after resampling.
 
     Returns:
         a Compose mapping an item to ``{image_key: (C, H', W', D') float32 MetaTensor, label_key: (1, H',
@@ -145,7 +177,17 @@ def deterministic_transforms(
     """
     keys = [image_key] + ([label_key] if label_key else [])
     transforms = loading_transforms(
-        image_key, label_key, num_classes, label_mapping, image_channel_dim, check_finite
+        image_key,
+        label_key,
+        num_classes,
+        label_mapping,
+        image_channel_dim,
+        check_finite,
+        accepted_modalities=accepted_modalities,
+        channel_modalities=channel_modalities,
+        modality_key=modality_key,
+        spacing=spacing,
+        roi_size=roi_size,
     )
     if spacing is not None:
         transforms.append(
@@ -181,13 +223,14 @@ def pretrain_transforms(
     modality_key: str = "modality",
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
+    accepted_modalities: Sequence[str] | None = None,
 ) -> Compose:
     """Pretraining pipeline: the shared deterministic part, padding to the ROI, one random crop, augmentation.
 
     Args:
         roi_size: crop size (default 112 x 112 x 128, the AnatoMask pretraining crop).
-        spacing, normalization, fingerprint, channel_modalities, modality_key, image_channel_dim, suv_max:
-            see :func:`deterministic_transforms`.
+        spacing, normalization, fingerprint, channel_modalities, modality_key, image_channel_dim, suv_max,
+            accepted_modalities: see :func:`deterministic_transforms`.
         rotate_prob: probability of a random rotation (+-30 deg about each axis); reference 0.2.
         scale_prob: probability of a random scaling (0.7-1.4); reference 0.2.
         flip_prob: probability of a flip, per axis.
@@ -207,6 +250,8 @@ def pretrain_transforms(
         modality_key,
         image_channel_dim=image_channel_dim,
         suv_max=suv_max,
+        accepted_modalities=accepted_modalities,
+        roi_size=roi_size,
     )
     settings = resolve_augmentation(
         {"rotate_prob": rotate_prob, "scale_prob": scale_prob, "flip_prob": flip_prob}
@@ -237,6 +282,7 @@ def finetune_train_transforms(
     modality_key: str = "modality",
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
+    accepted_modalities: Sequence[str] | None = None,
 ) -> Compose:
     """Fine-tuning training pipeline: shared deterministic part, label-aware crops that may reach past the
     border, nnU-Net's augmentation (the deterministic part is exactly the pretraining one plus the label).
@@ -244,7 +290,7 @@ def finetune_train_transforms(
     Args:
         roi_size: patch size.
         spacing, normalization, fingerprint, num_classes, label_mapping, channel_modalities, modality_key,
-            image_channel_dim, suv_max: see :func:`deterministic_transforms`.
+            image_channel_dim, suv_max, accepted_modalities: see :func:`deterministic_transforms`.
         num_samples: patches per volume per call (the dataset returns a list of ``num_samples`` dicts).
         foreground_probability: share of patches centred on a foreground voxel (nnU-Net oversamples 33 %).
         augmentation: overrides of nnU-Net's augmentation settings, or ``"none"``; see
@@ -270,6 +316,8 @@ def finetune_train_transforms(
         label_mapping,
         image_channel_dim,
         suv_max,
+        accepted_modalities=accepted_modalities,
+        roi_size=roi_size,
     )
     border = border_padding(roi_size, settings)
     transforms = [
@@ -313,6 +361,7 @@ def finetune_val_transforms(
     modality_key: str = "modality",
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
+    accepted_modalities: Sequence[str] | None = None,
 ) -> Compose:
     """Validation pipeline: the shared deterministic part on image and label, whole volumes (no crop).
 
@@ -335,6 +384,7 @@ def finetune_val_transforms(
         label_mapping,
         image_channel_dim,
         suv_max,
+        accepted_modalities=accepted_modalities,
     )
 
 
@@ -347,6 +397,7 @@ def inference_transforms(
     modality_key: str = "modality",
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
+    accepted_modalities: Sequence[str] | None = None,
 ) -> Compose:
     """Inference pipeline: the shared deterministic part on the image only, invertible.
 
@@ -371,4 +422,5 @@ def inference_transforms(
         modality_key,
         image_channel_dim=image_channel_dim,
         suv_max=suv_max,
+        accepted_modalities=accepted_modalities,
     )

@@ -9,14 +9,25 @@ the order the affine indexes, like MONAI's own readers.
 Reading also checks what the libraries let through silently: DICOM slices that GDCM skipped (empty or
 truncated files) or that leave a gap in the series, affines that are singular or not finite, and NIfTI
 headers whose sform disagrees with the qform or pixdim (a warning; the sform is used). Resource failures
-(out of memory, too many open files, I/O errors) propagate unchanged: they say nothing about the file.
+(out of memory, too many open files, I/O errors) propagate: they say nothing about the file (a MemoryError
+is re-raised as one that names the scan).
+
+Headers are checked before any voxel is allocated, so that a header that lies (4000^3 float32 declared in a
+4 KB file) costs neither 256 GB nor a bare MemoryError: the volume must stay under a voxel limit
+(:func:`max_voxels_limit`, default :data:`DEFAULT_MAX_VOXELS`, environment variable
+``ANATOMASK_MAX_VOXELS``), and the file must hold the bytes its header declares: the file size for raw data
+(NIfTI ``.nii``, raw MetaImage and NRRD), a streamed count of the decompressed bytes that stops at the
+declared size for ``.nii.gz``, and deflate's best compression ratio for compressed MetaImage and NRRD.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
+import re
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +76,121 @@ _RESOURCE_MESSAGES = (
     *(os.strerror(code) for code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENOSPC)),
     "std::bad_alloc",
 )
+
+# Volumes above this many voxels are refused before they are allocated: 2^31 voxels are 8 GiB as float32
+# (before the copies preprocessing makes), more than any CT a 3D network is trained on (a 1024 x 1024 x
+# 2000 photon-counting scan is just under). Headers that declare more are nearly always wrong.
+DEFAULT_MAX_VOXELS = 2**31
+# The limit is read from the environment because the reader is built in many places that a bundle config
+# cannot reach one by one (loading transforms, reference labels, fingerprint, check-data, MONAI Label), and
+# DataLoader workers inherit it.
+MAX_VOXELS_ENV = "ANATOMASK_MAX_VOXELS"
+# Deflate (gzip, zlib) never compresses by more than about 1032:1, so a compressed payload of N bytes holds
+# at most this many times N bytes of voxels.
+DEFLATE_MAX_RATIO = 1032
+# The decompressed bytes of a .nii.gz are counted in pieces of this size (bounded memory).
+_GZIP_CHUNK_BYTES = 1 << 24
+
+
+class ScanMemoryError(MemoryError):
+    """Out of memory while reading a scan: a resource error (:func:`is_resource_error`), naming the scan."""
+
+
+def max_voxels_limit(max_voxels: int | None = None) -> int:
+    """The voxel limit in force: ``max_voxels`` if given, else ``$ANATOMASK_MAX_VOXELS``, else
+    :data:`DEFAULT_MAX_VOXELS`.
+
+    Raises:
+        ValueError: the environment variable is not a positive integer.
+    """
+    if max_voxels is not None:
+        limit = int(max_voxels)
+    else:
+        text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+        try:
+            limit = int(float(text)) if text else DEFAULT_MAX_VOXELS  # accepts 2e9 as well as 2000000000
+        except ValueError:
+            raise ValueError(f"{MAX_VOXELS_ENV}={text!r} is not a number of voxels") from None
+    if limit <= 0:
+        raise ValueError(f"the voxel limit must be positive, got {limit}")
+    return limit
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return " x ".join(str(int(n)) for n in shape)
+
+
+def check_declared_size(
+    path: str,
+    shape: Sequence[int],
+    itemsize: int,
+    dtype_name: str,
+    max_voxels: int,
+    available: int | None = None,
+    compressed: bool = False,
+) -> None:
+    """Raise unless a header's declared volume is under the voxel limit and fits in what the file holds.
+
+    Args:
+        path: named in the error.
+        shape: the declared shape (all axes, channels included).
+        itemsize: bytes per voxel (per component times components).
+        dtype_name: the declared voxel type, for the message.
+        max_voxels: the voxel limit.
+        available: bytes of voxel data the file holds (None: unknown, only the limit is checked). For
+            ``compressed``, the compressed payload, which holds at most :data:`DEFLATE_MAX_RATIO` times more.
+        compressed: whether ``available`` counts deflate-compressed bytes.
+
+    Raises:
+        InvalidScanError: above the limit, or more bytes declared than the file can hold.
+    """
+    voxels = math.prod(int(n) for n in shape)
+    declared = voxels * int(itemsize)
+    described = f"header declares {_shape_text(shape)} {dtype_name} ({voxels:,} voxels, {declared:,} bytes)"
+    if voxels > max_voxels:
+        raise InvalidScanError(
+            path,
+            f"{described}, above the limit of {max_voxels:,} voxels: a wrong header? (raise the limit with "
+            f"{MAX_VOXELS_ENV} if the volume is real)",
+        )
+    if available is None:
+        return
+    if compressed and declared > DEFLATE_MAX_RATIO * available:
+        raise InvalidScanError(
+            path,
+            f"{described}, but its {available:,} compressed bytes can hold at most "
+            f"{DEFLATE_MAX_RATIO * available:,}: truncated file or wrong header",
+        )
+    if not compressed and declared > available:
+        raise InvalidScanError(
+            path,
+            f"{described}, but the file holds only {available:,} bytes of voxel data: truncated file or "
+            "wrong header",
+        )
+
+
+def _gzip_length(path: str, stop_at: int) -> int:
+    """Decompressed bytes of a gzip file (all its members), counted in bounded pieces, no further than
+    ``stop_at``; a truncated stream counts what it holds.
+
+    Raises:
+        zlib.error: the compressed data is corrupt.
+    """
+    total = 0
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    with open(path, "rb") as f:
+        pending, member_start = f.read(1 << 20), True
+        while pending and total < stop_at:
+            if member_start and pending[:1] == b"\0":
+                break  # zero padding after the last member, which gzip readers ignore
+            total += len(inflater.decompress(pending, min(_GZIP_CHUNK_BYTES, stop_at - total)))
+            pending, member_start = inflater.unconsumed_tail, False
+            if inflater.eof:  # the next gzip member, if any (nibabel reads them all as one stream)
+                pending, member_start = inflater.unused_data, True
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            if not pending:
+                pending = f.read(1 << 20)
+    return total
 
 
 def image_suffix(path: str | os.PathLike) -> str | None:
@@ -163,15 +289,35 @@ def check_affine(affine: np.ndarray, path: str) -> None:
         raise InvalidScanError(path, f"singular affine (voxel axes are linearly dependent):\n{shown}")
 
 
-def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti(path: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
-    image = nib.load(path)
+    image = nib.load(path)  # the header only: voxels are read by np.asanyarray below
+    _check_nifti_size(image, path, max_voxels)
     _warn_on_nifti_geometry_conflict(image, path)
     # image.affine already follows the standard's precedence: sform (code > 0), else qform, else pixdim.
     # MONAI's correct_nifti_header_if_necessary is deliberately not used: when pixdim disagrees with the
     # sform it swaps in the qform even when that is unset, reading a 2 mm sform as 1 mm.
     return np.asanyarray(image.dataobj), np.array(image.affine, dtype=np.float64)
+
+
+def _check_nifti_size(image: Any, path: str, max_voxels: int) -> None:
+    """Raise unless the voxels a NIfTI header declares are under the limit and present in the file."""
+    shape = image.header.get_data_shape()
+    dtype = image.header.get_data_dtype()
+    # Where nibabel will read from: the loaded image's header has its vox_offset reset to 0.
+    offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
+    declared = math.prod(int(n) for n in shape) * dtype.itemsize
+    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_voxels)
+    size = os.path.getsize(path)
+    if not path.lower().endswith(".gz"):
+        check_declared_size(path, shape, dtype.itemsize, str(dtype), max_voxels, size - offset)
+        return
+    # The cheap bound first (a 4 KB file cannot hold 256 GB), then a count that costs at most the declared
+    # size in decompression and a bounded piece of memory.
+    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_voxels, size, compressed=True)
+    held = _gzip_length(path, offset + declared) - offset
+    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_voxels, max(held, 0))
 
 
 def _warn_on_nifti_geometry_conflict(image: Any, path: str) -> None:
@@ -230,7 +376,7 @@ def _itk_to_numpy(image: Any) -> np.ndarray:
     return np.transpose(array, order)
 
 
-def _read_dicom_series(path: str, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_dicom_series(path: str, series_uid: str | None, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -258,6 +404,13 @@ def _read_dicom_series(path: str, series_uid: str | None) -> tuple[np.ndarray, n
             stacklevel=3,
         )
     _check_slice_positions(path, files)
+    # The series' size is that of one slice times the slices (GDCM allocates it all before reading).
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    shape, itemsize, dtype_name = _itk_declared_voxels(first)
+    series_shape = (*shape[:2], shape[2] * len(files), *shape[3:])
+    check_declared_size(path, series_shape, itemsize, dtype_name, max_voxels)
     reader.SetFileNames(files)
     image = reader.Execute()
     return _itk_to_numpy(image), _itk_geometry_to_ras_affine(image)
@@ -403,15 +556,113 @@ def _check_slice_positions(folder: str, files: Sequence[str]) -> None:
         )
 
 
-def _read_itk_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+def dicom_modality(path: str | os.PathLike) -> str:
+    """The Modality tag (0008,0060) of a DICOM file or of the first DICOM file of a series folder
+    (``"CT"``, ``"MR"``, ``"PT"``, ...; ``""`` when absent)."""
+    import pydicom
+
+    files = dicom_files(path) if os.path.isdir(path) else [Path(path)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity of a forced read
+            dataset = pydicom.dcmread(
+                files[0], stop_before_pixels=True, force=True, specific_tags=["Modality"]
+            )
+    except Exception as error:  # GDCM read the pixels, so an odd header only means "modality unknown"
+        if is_resource_error(error):
+            raise
+        return ""
+    return str(dataset.get("Modality", "") or "").strip().upper()
+
+
+def _read_itk_file(path: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    shape, itemsize, dtype_name = _itk_declared_voxels(reader)
+    layout = _itk_data_layout(path)
+    if layout is None:
+        check_declared_size(path, shape, itemsize, dtype_name, max_voxels)
+    else:
+        data_file, offset, compressed = layout
+        if not os.path.isfile(data_file):
+            raise InvalidScanError(path, f"the data file named in the header does not exist: {data_file}")
+        available = os.path.getsize(data_file) - offset
+        check_declared_size(path, shape, itemsize, dtype_name, max_voxels, available, compressed)
+    image = reader.Execute()
     return _itk_to_numpy(image), _itk_geometry_to_ras_affine(image)
 
 
+def _itk_declared_voxels(reader: Any) -> tuple[tuple[int, ...], int, str]:
+    """Shape (components last), bytes per voxel and voxel type that an ITK header declares."""
+    import SimpleITK as sitk
+
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # "16-bit signed integer", "vector of ..."
+    bits = re.search(r"(\d+)-bit", name)
+    component_bytes = int(bits.group(1)) // 8 if bits else 8
+    if "complex" in name:
+        component_bytes *= 2
+    components = int(reader.GetNumberOfComponents())
+    shape = tuple(int(n) for n in reader.GetSize()) + ((components,) if components > 1 else ())
+    return shape, component_bytes, name
+
+
+def _itk_data_layout(path: str) -> tuple[str, int, bool] | None:
+    """Where the voxels of a MetaImage or NRRD file lie: ``(data file, byte offset, deflate-compressed)``,
+    or None when that cannot be told from the header without reading the data (DICOM, lists of data
+    files, data at the end of the file, ASCII or bzip2 encodings)."""
+    lower = path.lower()
+    if not lower.endswith(ITK_SUFFIXES):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    folder = os.path.dirname(path)
+    if lower.endswith((".mha", ".mhd")):
+        fields: dict[str, str] = {}
+        end = 0
+        for line in head.split(b"\n"):
+            end += len(line) + 1
+            key, _, value = line.decode("latin-1").partition("=")
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                break
+        else:
+            return None
+        name = fields["elementdatafile"]
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        skip = int(fields.get("headersize", "0") or 0)
+        if name.upper() == "LOCAL":
+            return path, end, compressed
+        if skip < 0 or name.upper().startswith("LIST") or "%" in name or " " in name:
+            return None
+        return os.path.join(folder, name), skip, compressed
+    header, separator, _ = head.partition(b"\n\n")
+    if not separator or not header.startswith(b"NRRD"):
+        return None
+    fields = {}
+    for line in header.decode("latin-1").splitlines()[1:]:
+        key, colon, value = line.partition(":")
+        if colon and not line.startswith("#"):
+            fields[key.strip().lower().replace(" ", "")] = value.strip().lstrip("=").strip()
+    encoding = fields.get("encoding", "raw").lower()
+    if encoding not in ("raw", "gzip", "gz") or int(fields.get("lineskip", "0") or 0):
+        return None
+    skip = int(fields.get("byteskip", "0") or 0)
+    name = fields.get("datafile")
+    if name is None:
+        return path, len(header) + 2 + max(skip, 0), encoding != "raw"
+    if skip < 0 or name.upper().startswith("LIST") or "%" in name or " " in name:
+        return None
+    return os.path.join(folder, name), skip, encoding != "raw"
+
+
 def read_volume(
-    path: str | os.PathLike, channel_dim: int | None = None, series_uid: str | None = None
+    path: str | os.PathLike,
+    channel_dim: int | None = None,
+    series_uid: str | None = None,
+    max_voxels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Read one scan file (or DICOM series folder) into a voxel array and its RAS affine.
 
@@ -421,31 +672,35 @@ def read_volume(
         channel_dim: None: the file must hold one 3D volume (trailing singleton axes are dropped).
             ``-1``: a 4D file whose last axis holds channels (MSD multi-modal images) is accepted.
         series_uid: the DICOM series to read when a folder holds several (default: the largest).
+        max_voxels: refuse volumes whose header declares more voxels (default: :func:`max_voxels_limit`).
 
     Returns:
         the array (H, W, D) or, with ``channel_dim=-1``, (H, W, D, C); the (4, 4) voxel-to-RAS affine;
         the format name (``"nifti"``, ``"itk"`` or ``"dicom"``).
 
     Raises:
-        InvalidScanError: missing path, unsupported type, unreadable/truncated file, DICOM series with
+        InvalidScanError: missing path, unsupported type, unreadable/truncated file, a header declaring
+            more voxels than the limit or than the file holds, DICOM series with
             empty/truncated/missing/duplicate slices, 2D image, 4D image where 3D is expected, affine
             that is not finite or not invertible.
-        MemoryError, OSError: out of memory, too many open files, I/O errors and the like
-            (:func:`is_resource_error`), unchanged: they are no fault of the file.
+        ScanMemoryError: out of memory while reading (a MemoryError naming the file).
+        OSError: too many open files, I/O errors and the like (:func:`is_resource_error`), unchanged: they
+            are no fault of the file.
     """
     path = os.fspath(path)
+    limit = max_voxels_limit(max_voxels)
     if not os.path.exists(path):
         raise InvalidScanError(path, "file does not exist")
     suffix = image_suffix(path)
     try:
         if os.path.isdir(path):
-            array, affine = _read_dicom_series(path, series_uid)
+            array, affine = _read_dicom_series(path, series_uid, limit)
             fmt = "dicom"
         elif suffix in NIFTI_SUFFIXES:
-            array, affine = _read_nifti(path)
+            array, affine = _read_nifti(path, limit)
             fmt = "nifti"
         elif suffix in ITK_SUFFIXES + DICOM_SUFFIXES or (suffix is None and has_dicom_preamble(path)):
-            array, affine = _read_itk_file(path)
+            array, affine = _read_itk_file(path, limit)
             fmt = "itk" if suffix in ITK_SUFFIXES else "dicom"
         else:
             raise InvalidScanError(
@@ -454,8 +709,15 @@ def read_volume(
             )
     except InvalidScanError:
         raise
+    except MemoryError as error:
+        # A header that lies is refused above; this is a real shortage, so it stays a resource error.
+        detail = str(error) or "MemoryError"
+        raise ScanMemoryError(f"{path}: out of memory while reading the scan ({detail})") from error
     except Exception as error:  # nibabel, zlib, gzip and ITK each raise their own types for broken files
         if is_resource_error(error):
+            if "std::bad_alloc" in str(error):
+                message = f"{path}: out of memory while reading the scan (ITK: {error})"
+                raise ScanMemoryError(message) from error
             raise
         raise InvalidScanError(
             path, f"cannot be read, corrupt or truncated? ({type(error).__name__}: {error})"
@@ -498,14 +760,19 @@ class AnatoMaskReader(ImageReader):
         channel_dim: None (default): every file is one 3D volume. ``-1``: accept 4D files whose last axis
             holds channels (MSD multi-modal images).
         series_uid: DICOM series to read from folders with several (default: the one with most files).
+        max_voxels: refuse files whose header declares more voxels; None: ``$ANATOMASK_MAX_VOXELS`` or
+            :data:`DEFAULT_MAX_VOXELS`, read here (so that a changed limit also changes the cache key).
     """
 
-    def __init__(self, channel_dim: int | None = None, series_uid: str | None = None):
+    def __init__(
+        self, channel_dim: int | None = None, series_uid: str | None = None, max_voxels: int | None = None
+    ):
         super().__init__()
         if channel_dim not in (None, -1):
             raise ValueError(f"channel_dim must be None or -1, got {channel_dim!r}")
         self.channel_dim = channel_dim
         self.series_uid = series_uid
+        self.max_voxels = max_voxels_limit(max_voxels)
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         """Whether every name is a supported image file, a DICOM file or a folder (read as a DICOM series)."""
@@ -528,15 +795,19 @@ class AnatoMaskReader(ImageReader):
         Returns:
             the array, (H, W, D) for one 3D file, (C, H, W, D) for a list of files, (H, W, D, C) for a 4D
             file read with ``channel_dim=-1``; and the metadata dict (``affine``, ``original_affine``,
-            ``spatial_shape``, ``space``, ``original_channel_dim``, ``format``).
+            ``spatial_shape``, ``space``, ``original_channel_dim``, ``format``; ``stored_dtype``: the voxel
+            type of each file as read, e.g. ``["int16"]``, before ``LoadImage`` casts to float32; and, for
+            DICOM, ``dicom_modality``: the Modality tag of each file, e.g. ``["CT"]``, ``""`` for files that
+            are not DICOM).
 
         Raises:
             InvalidScanError: any file is missing or unusable, or the channel files' grids differ.
         """
         paths = list(ensure_tuple(img))
-        arrays, reference_affine, fmt = [], None, None
+        arrays, reference_affine, fmt, modalities = [], None, None, []
         for path in paths:
-            array, affine, fmt = read_volume(path, self.channel_dim, self.series_uid)
+            array, affine, fmt = read_volume(path, self.channel_dim, self.series_uid, self.max_voxels)
+            modalities.append(dicom_modality(path) if fmt == "dicom" else "")
             if len(paths) > 1 and array.ndim != 3:
                 raise InvalidScanError(path, "a channel file must hold one 3D volume")
             if reference_affine is not None:
@@ -560,5 +831,8 @@ class AnatoMaskReader(ImageReader):
             MetaKeys.SPACE: SpaceKeys.RAS,
             MetaKeys.ORIGINAL_CHANNEL_DIM: channel,
             "format": fmt,
+            "stored_dtype": [str(array.dtype) for array in arrays],
         }
+        if any(modalities):
+            meta["dicom_modality"] = modalities
         return data, meta

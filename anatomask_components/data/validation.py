@@ -11,6 +11,7 @@ datalists, preprocessing, checks and datasets can all build on it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,15 @@ from monai.transforms import MapTransform
 # Grids closer than this (mm, in every affine entry) are the same grid. NIfTI stores affines in
 # float32, which alone costs up to ~1e-4 mm at 1 m from the origin.
 GRID_TOLERANCE_MM = 1e-2
+# A voxel axis more than this many times coarser than the finest one (5 mm slices of a 0.8 mm in-plane
+# scan) is mostly interpolated by resampling to an isotropic grid.
+ANISOTROPY_RATIO = 5.0
+# Integer images whose values all lie in this range cannot be CT in Hounsfield units (air is about
+# -1000 HU, soft tissue 0-100 HU, bone up to 2000 HU): masks, 8-bit screenshots, rescaled exports.
+NOT_HU_RANGE = (0, 255)
+# Other spellings of the modalities this package knows: DICOM's Modality tag says "PT" for PET.
+_MODALITY_ALIASES = {"PT": "PET", "MRI": "MR"}
+_RAS_AXES = ("x (left-right)", "y (posterior-anterior)", "z (inferior-superior)")
 
 
 class InvalidScanError(ValueError):
@@ -155,11 +165,164 @@ def check_label_values(label: torch.Tensor | np.ndarray, num_classes: int, path:
         )
 
 
+def canonical_modality(name: str) -> str:
+    """A modality name as this package spells it: upper case, ``PT`` (DICOM) as ``PET``, ``MRI`` as ``MR``."""
+    upper = str(name).strip().upper()
+    return _MODALITY_ALIASES.get(upper, upper)
+
+
+def channel_modalities_of(
+    data: Mapping[Hashable, Any],
+    image: Any,
+    modality_key: str = "modality",
+    channel_modalities: Sequence[str] | None = None,
+) -> list[tuple[str, str] | None]:
+    """The modality of each channel of a loaded image and where it was read, or None where nobody says.
+
+    The item's ``modality_key`` field comes first (a string for all channels or one entry per channel),
+    then the DICOM Modality tag the reader recorded (``dicom_modality``), then ``channel_modalities``.
+
+    Args:
+        data: the item.
+        image: its (C, H, W, D) MetaTensor.
+        modality_key: the item field.
+        channel_modalities: the pipeline's modality per channel, if any.
+
+    Returns:
+        one ``(modality, source)`` per channel, e.g. ``("MR", "the datalist field 'modality'")``, or None.
+
+    Raises:
+        InvalidScanError: the item lists another number of modalities than the image has channels.
+    """
+    num_channels = int(image.shape[0])
+    meta = getattr(image, "meta", None) or {}
+    candidates = (
+        (data.get(modality_key), f"the datalist field {modality_key!r}"),
+        (meta.get("dicom_modality"), "the DICOM Modality tag"),
+        (channel_modalities, "the bundle's channel_modalities"),
+    )
+    for given, source in candidates:
+        if given is None or (not isinstance(given, str) and not any(given)):
+            continue
+        names = [given] * num_channels if isinstance(given, str) else list(given)
+        if len(names) != num_channels:
+            raise InvalidScanError(
+                source_name(image), f"{len(names)} modalities {names} in {source} for {num_channels} channels"
+            )
+        return [(canonical_modality(name), source) if name else None for name in names]
+    return [None] * num_channels
+
+
+def check_modality(
+    data: Mapping[Hashable, Any],
+    image: Any,
+    accepted: Sequence[str],
+    modality_key: str = "modality",
+    channel_modalities: Sequence[str] | None = None,
+) -> None:
+    """Raise if a channel's known modality is not one the model was built for (unknown ones pass).
+
+    Raises:
+        InvalidScanError: naming the modality, where it was read and the accepted ones.
+    """
+    allowed = {canonical_modality(m) for m in accepted}
+    for channel, found in enumerate(channel_modalities_of(data, image, modality_key, channel_modalities)):
+        if found is not None and found[0] not in allowed:
+            which = f" of channel {channel}" if image.shape[0] > 1 else ""
+            raise InvalidScanError(
+                source_name(image),
+                f"modality {found[0]}{which} (from {found[1]}) is not one this model was built for "
+                f"(accepted: {', '.join(sorted(allowed))})",
+            )
+
+
+def check_not_constant(image: torch.Tensor | np.ndarray, path: str) -> None:
+    """Raise if any channel of a (C, H, W, D) volume holds one value everywhere (nothing to learn from).
+
+    Raises:
+        InvalidScanError: naming the channel and its value.
+    """
+    tensor = torch.as_tensor(image)
+    flat = tensor.reshape(tensor.shape[0], -1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
+    for channel in torch.nonzero(low == high).flatten().tolist():
+        which = f"channel {channel} is" if tensor.shape[0] > 1 else "every voxel is"
+        raise InvalidScanError(path, f"constant volume: {which} {float(low[channel]):g}")
+
+
+def warn_if_not_hounsfield(image: torch.Tensor | np.ndarray, stored_dtype: str, path: str) -> None:
+    """Warn when an integer or boolean "CT" volume holds values that cannot be Hounsfield units.
+
+    Args:
+        image: one channel as loaded (values unchanged by the cast to float32).
+        stored_dtype: the voxel type in the file (``"uint8"``, ``"bool"``, ``"int16"``, ...).
+        path: named in the warning.
+    """
+    dtype = np.dtype(stored_dtype)
+    if dtype.kind not in "biu":
+        return
+    tensor = torch.as_tensor(image)
+    low, high = float(tensor.min()), float(tensor.max())
+    if dtype.kind == "b" or dtype.itemsize == 1 or NOT_HU_RANGE[0] <= low <= high <= NOT_HU_RANGE[1]:
+        warnings.warn(
+            f"{path}: {dtype} voxels in {low:g}..{high:g} cannot be CT in Hounsfield units (air is about "
+            "-1000 HU): a mask, an 8-bit export, or not CT? It is normalised as CT all the same",
+            stacklevel=2,
+        )
+
+
+def warn_if_anisotropic(
+    affine: np.ndarray,
+    shape: Sequence[int],
+    path: str,
+    spacing: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+) -> None:
+    """Warn when one voxel axis is over :data:`ANISOTROPY_RATIO` times coarser than the finest, or when the
+    volume, resampled to ``spacing``, has fewer voxels along an axis than a ``roi_size`` window.
+
+    Args:
+        affine, shape: the volume's grid ((4, 4) voxel-to-RAS affine, spatial shape).
+        path: named in the warnings.
+        spacing: the target voxel size in mm (RAS order), or None for the native grid.
+        roi_size: the training window (RAS order), or None.
+    """
+    grid_affine, grid_shape = canonical_grid(affine, shape)
+    native = np.linalg.norm(grid_affine[:3, :3], axis=0)
+    target = np.asarray(spacing, dtype=np.float64) if spacing is not None else native
+    coarse, fine = int(np.argmax(native)), float(native.min())
+    sizes = " x ".join(f"{s:.3g}" for s in native)
+    if native[coarse] > ANISOTROPY_RATIO * fine:
+        warnings.warn(
+            f"{path}: voxel size {sizes} mm: the {_RAS_AXES[coarse]} axis is {native[coarse] / fine:.1f} "
+            f"times coarser than the finest; resampling to {target[coarse]:.3g} mm interpolates it "
+            f"{native[coarse] / target[coarse]:.1f}x",
+            stacklevel=2,
+        )
+    if roi_size is None:
+        return
+    extent = np.round(np.asarray(grid_shape) * native / target).astype(int)
+    short = [axis for axis in range(3) if extent[axis] < int(roi_size[axis])]
+    if short:
+        shown = "; ".join(
+            f"{extent[a]} voxels along {_RAS_AXES[a]} where the window needs {int(roi_size[a])}"
+            for a in short
+        )
+        warnings.warn(
+            f"{path}: resampled to {' x '.join(f'{t:.3g}' for t in target)} mm, the scan has {shown}; the "
+            "rest of every window is zero padding",
+            stacklevel=2,
+        )
+
+
 class ValidateScand(MapTransform):
-    """Check loaded, channel-first volumes: finite voxels, label grid and label values.
+    """Check loaded, channel-first volumes: finite voxels, label grid and label values; optionally what the
+    images mean: modality, constant volumes, integer "CT" that cannot be in HU, anisotropy.
 
     Runs right after loading (before reorientation), so errors name the files as the user gave them.
-    Missing, unreadable, 2D and 4D files are rejected earlier by the reader.
+    Missing, unreadable, 2D and 4D files are rejected earlier by the reader. Errors are
+    :class:`InvalidScanError` (a pretraining dataset skips the scan, fine-tuning stops); the checks of
+    meaning that cannot be sure (HU range, anisotropy) warn. Inside a cached dataset they run once per scan.
 
     Args:
         keys: image keys (each a (C, H, W, D) MetaTensor).
@@ -167,6 +330,14 @@ class ValidateScand(MapTransform):
         num_classes: if given, label values must be integers in ``0 .. num_classes - 1``.
         check_finite: reject NaN/Inf voxels in images.
         allow_missing_keys: don't raise if an image key is missing (a missing label is never checked).
+        accepted_modalities: reject images whose modality (item field, DICOM tag or
+            ``channel_modalities``) is not listed, e.g. ``("CT",)``; None accepts any.
+        modality_key: the item field holding the modality.
+        channel_modalities: the pipeline's modality per channel when items name none (default CT).
+        check_constant: reject images with a channel that holds one value everywhere.
+        warn_implausible: warn about integer/boolean CT whose values cannot be HU, and about anisotropy.
+        spacing: the target voxel size (RAS order) the pipeline resamples to, for the anisotropy warnings.
+        roi_size: the training window (RAS order): warn when the resampled scan is smaller along an axis.
     """
 
     def __init__(
@@ -176,11 +347,41 @@ class ValidateScand(MapTransform):
         num_classes: int | None = None,
         check_finite: bool = True,
         allow_missing_keys: bool = False,
+        accepted_modalities: Sequence[str] | None = None,
+        modality_key: str = "modality",
+        channel_modalities: Sequence[str] | None = None,
+        check_constant: bool = False,
+        warn_implausible: bool = False,
+        spacing: Sequence[float] | None = None,
+        roi_size: Sequence[int] | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         self.label_key = label_key
         self.num_classes = num_classes
         self.check_finite = check_finite
+        self.accepted_modalities = tuple(accepted_modalities) if accepted_modalities is not None else None
+        self.modality_key = modality_key
+        self.channel_modalities = tuple(channel_modalities) if channel_modalities else None
+        self.check_constant = check_constant
+        self.warn_implausible = warn_implausible
+        self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
+        self.roi_size = tuple(int(r) for r in roi_size) if roi_size is not None else None
+
+    def _check_meaning(self, data: Mapping[Hashable, Any], image: Any) -> None:
+        path = source_name(image)
+        if self.accepted_modalities is not None:
+            check_modality(data, image, self.accepted_modalities, self.modality_key, self.channel_modalities)
+        if self.check_constant:
+            check_not_constant(image, path)
+        if not self.warn_implausible:
+            return
+        found = channel_modalities_of(data, image, self.modality_key, self.channel_modalities)
+        stored = list((getattr(image, "meta", None) or {}).get("stored_dtype") or [])
+        for channel, modality in enumerate(found):
+            dtype = stored[channel] if len(stored) == image.shape[0] else (stored[0] if stored else None)
+            if dtype is not None and (modality is None or modality[0] == "CT"):
+                warn_if_not_hounsfield(image[channel], dtype, path)
+        warn_if_anisotropic(np.asarray(image.affine), image.shape[1:], path, self.spacing, self.roi_size)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -189,6 +390,7 @@ class ValidateScand(MapTransform):
             image = d[key]
             if self.check_finite:
                 check_finite(image, source_name(image))
+            self._check_meaning(d, image)
             reference = reference if reference is not None else image
         label = d.get(self.label_key) if self.label_key is not None else None
         if label is not None:

@@ -1,4 +1,4 @@
-"""Reconstruction decoders for masked image modelling (METHOD.md section 7, paper Table 1)."""
+"""Reconstruction decoders for masked image modelling (docs/method.md §5, paper Table 1)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ class PatchLossHead(nn.Module):
 
     conv3 -> BN -> ReLU6 -> conv1 to one channel. The deepest level has one voxel per mask unit, so the
     output holds one predicted loss per patch; the 3^3 kernel lets it look at the neighbouring patches.
-    A cheaper alternative to HPM's second decoder (METHOD.md section 11).
+    A cheaper alternative to HPM's second decoder (docs/method.md §12.1).
 
     Args:
         width: channels of the deepest densified level.

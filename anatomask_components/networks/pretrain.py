@@ -46,7 +46,7 @@ class AnatoMaskPretrainModel(nn.Module):
         densify_init: the densify projections: ``"pytorch"`` default (reference) or ``"trunc_normal"``
             (std 0.02, zero bias, as SparK's decoder).
         densify_norm_eps: epsilon of the densify normalisation (reference 1e-6; PyTorch's default 1e-5).
-        loss_predictor: HPM's loss predictor (METHOD.md section 11), off (None) by default: ``"head"``, a
+        loss_predictor: HPM's loss predictor (docs/method.md §12.1), off (None) by default: ``"head"``, a
             light conv head on the deepest densified level (:class:`PatchLossHead`), or ``"decoder"``, a
             second decoder of the reconstruction decoder's shape with one output channel, averaged over
             each patch (HPM's design).

@@ -1,4 +1,4 @@
-"""Sparse STU-Net encoder for masked image modelling (SparK style, METHOD.md section 6).
+"""Sparse STU-Net encoder for masked image modelling (SparK style, docs/method.md §4).
 
 The encoder runs the unmodified STU-Net stage modules (so its state dict keeps the official key
 names under ``sp_cnn.``) on only the visible voxels. Two interchangeable backends compute it:
@@ -208,8 +208,8 @@ class _SpconvBackend:
             from spconv.pytorch import ops as spconv_ops
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "the 'spconv' backend needs spconv: pip install 'anatomask-components[sparse]' "
-                "(or the spconv-cuXXX wheel matching your CUDA)."
+                "the 'spconv' backend needs spconv: pip install spconv-cu120 (or the spconv-cuXXX wheel "
+                "matching your CUDA; cu120 also runs on CPU)."
             ) from err
         self.norm_pooling = norm_pooling
         self._ops = spconv_ops

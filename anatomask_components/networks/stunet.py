@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 __all__ = ["STUNET_PRESETS", "BasicResBlock", "STUNet", "UpsampleNearest", "print_presets"]
 
-# size -> (blocks per stage, widths per stage); METHOD.md section 8.
+# size -> (blocks per stage, widths per stage); docs/method.md §3.2.
 STUNET_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "S": ((1,) * 6, (16, 32, 64, 128, 256, 256)),
     "B": ((1,) * 6, (32, 64, 128, 256, 512, 512)),

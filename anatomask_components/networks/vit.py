@@ -1,4 +1,4 @@
-"""A ViT masked autoencoder that takes its mask from outside, with HPM's loss predictor (METHOD.md 11).
+"""A ViT masked autoencoder that takes its mask from outside, with HPM's loss predictor (docs/method.md §12).
 
 MONAI's :class:`~monai.networks.nets.MaskedAutoEncoderViT` draws its own random mask inside ``forward``
 (``torch.multinomial``, on the CPU, without a generator), so a guided or reproducible mask cannot be given

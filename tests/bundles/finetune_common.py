@@ -17,6 +17,7 @@ from packaging.specifiers import SpecifierSet
 
 from anatomask_components.checkpointing import atomic_save
 from anatomask_components.data.readers import read_volume
+from anatomask_components.handlers import PretrainedWeightsLoader
 from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 from anatomask_components.weights import STUNET_INPUT_CONV_KEYS
 
@@ -113,7 +114,9 @@ def train(bundle: str, root: Path, datalist: Path, pretrained: Path) -> dict[str
         Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].detach().item())
     )
     flow.run()
-    loader = flow.parser.get_parsed_content("train#handlers")[0]
+    (loader,) = [
+        h for h in flow.parser.get_parsed_content("train#handlers") if isinstance(h, PretrainedWeightsLoader)
+    ]
     return {
         "trainer": trainer,
         "network": network,

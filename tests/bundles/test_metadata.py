@@ -60,7 +60,7 @@ def test_eval_metrics_are_numbers_measured_here(bundle):
     metrics = _metadata(bundle)["eval_metrics"]
     assert isinstance(metrics, dict) and _numbers_only(metrics)
     assert metrics == {}  # nothing was measured on the real challenge data by this bundle
-    readme = (BUNDLES / bundle / "docs" / "README.md").read_text()
+    readme = (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
     assert "paper" in readme.lower()  # the paper's figures are quoted there, as the paper's
 
 
@@ -99,7 +99,7 @@ def test_build_versions_are_single_versions_inside_the_ranges(bundle):
 def test_no_optional_packages_key_and_spconv_documented(bundle):
     metadata = _metadata(bundle)
     assert "optional_packages_version" not in metadata
-    readme = (BUNDLES / bundle / "docs" / "README.md").read_text()
+    readme = (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
     if bundle == "anatomask_pretrain":  # backend=spconv
         assert "spconv-cu120" in readme
 

@@ -68,8 +68,9 @@ def _train(bundle_root: Path, scans: Path, stop_after: int | None = None, **over
     ("config", "kind"),
     [("train.json", "train"), ("inference.json", "infer")],
 )
-def test_properties(config, kind, scans):
-    workflow = _workflow([CONFIGS / config], kind, dataset_dir=str(scans))
+def test_properties(config, kind, scans, tmp_path):
+    # bundle_root in tmp_path: initialising resolves the fingerprint, which is written beside the model
+    workflow = _workflow([CONFIGS / config], kind, bundle_root=str(tmp_path), dataset_dir=str(scans))
     assert workflow.check_properties() == []
 
 

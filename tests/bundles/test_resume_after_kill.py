@@ -34,7 +34,8 @@ def _handler_names(bundle: str) -> list[str]:
 def test_finetune_checkpoint_is_written_after_validation(bundle):
     """Handlers of an event run in attachment order: the epoch's checkpoint must see its validation."""
     names = _handler_names(bundle)
-    assert names[0] == "PretrainedWeightsLoader"  # its STARTED runs before the resume
+    assert names[0] == "RunLockHandler"  # the folders are the run's before any handler writes there
+    assert names[1] == "PretrainedWeightsLoader"  # its STARTED runs before the resume
     assert names[-2:] == ["StatsHandler", "TensorBoardStatsHandler"]  # sliced off on ranks > 0 (DDP)
     checkpointer = names.index("TrainingCheckpointer")
     assert names.index("ValidationHandler") < checkpointer
@@ -228,7 +229,10 @@ def test_pretraining_killed_mid_epoch_resumes_bit_identical(tmp_path):
             assert f"cannot read checkpoint {corrupt}" in log and f"renamed to {corrupt.name}.corrupt" in log
             assert "removed 1 temporary file(s)" in log and Path(leftover).name in log
             assert "resumed from" in log
+            # the killed run's lock files were left behind and are taken over
+            assert f"{killed / 'runs'}: taking over the lock left by a training run that is no longer" in log
     assert reference.wait(timeout=300) == 0, _tail(straight_log)
+    assert not list(killed.rglob(".training.lock"))
     assert kills[0] < ITERATIONS and kills[1] < ITERATIONS, kills
 
     # keep_last 2 of this run's checkpoints, the unreadable one set aside, no temporary file left

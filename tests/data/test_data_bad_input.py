@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import warnings
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from anatomask_components.data.checks import check_datalist
 from anatomask_components.data.datalists import folder_datalist
 from anatomask_components.data.datasets import CachedScanDataset
+from anatomask_components.data.normalization import normalize_channel
 from anatomask_components.data.phantoms import make_affine
 from anatomask_components.data.preprocessing import deterministic_transforms, pretrain_transforms
 from anatomask_components.data.readers import read_volume
@@ -56,9 +58,20 @@ def test_truncated_file(tmp_path, expect_invalid, suffix):
         tmp_path / f"scan{suffix}", np.random.default_rng(0).normal(size=(32, 32, 32)), AFFINE
     )
     data = path.read_bytes()
+    offset = int(nib.load(path).dataobj.offset)
     path.write_bytes(data[: len(data) // 2])
     error = expect_invalid(image_pipeline(), {"image": str(path)})
-    assert error.path == str(path) and error.problem.startswith("cannot be read")
+    # caught from the header, before the 256 KiB are allocated, with what the file holds instead
+    declared = "header declares 32 x 32 x 32 float64 (32,768 voxels, 262,144 bytes), but the file holds only "
+    assert error.path == str(path) and error.problem.startswith(declared)
+    held = int(error.problem[len(declared) :].split(" bytes")[0].replace(",", ""))
+    if suffix == ".nii":
+        assert held == len(data) // 2 - offset
+    else:
+        assert (
+            0 < held < 262_144
+            and held == len(zlib.decompressobj(31).decompress(data[: len(data) // 2])) - offset
+        )
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (32, 32, 1)])
@@ -150,11 +163,12 @@ def test_nan_and_inf_voxels(tmp_path, expect_invalid, phantom):
     assert error.path == str(path) and error.problem == "2 NaN and 1 infinite voxels"
 
 
-def test_constant_volume_normalises_to_zeros_not_nan(tmp_path):
+def test_constant_volume_is_an_invalid_scan_and_would_normalise_to_zeros_not_nan(tmp_path, expect_invalid):
     path = write_volume(tmp_path / "constant.nii.gz", np.full((20, 20, 20), 42.0, np.float32), AFFINE)
-    out = pretrain_transforms(roi_size=(16, 16, 16))({"image": str(path)})["image"]
-    assert tuple(out.shape) == (1, 16, 16, 16)
-    assert torch.equal(out.as_tensor(), torch.zeros(1, 16, 16, 16))
+    error = expect_invalid(pretrain_transforms(roi_size=(16, 16, 16)), {"image": str(path)})
+    assert error.path == str(path) and error.problem == "constant volume: every voxel is 42"
+    # were it let through, the z-score would give zeros, not NaN
+    assert torch.equal(normalize_channel(torch.full((4, 4, 4), 42.0), "zscore"), torch.zeros(4, 4, 4))
 
 
 def test_volume_smaller_than_the_crop_is_padded(tmp_path):
@@ -235,9 +249,14 @@ def test_finetuning_dataset_raises_the_invalid_scan_error_itself(tmp_path, phant
 
 def test_check_datalist_reports_and_drops_bad_items(tmp_path, phantom):
     items, bad = _bad_and_good_items(tmp_path, phantom)
-    with pytest.warns(UserWarning, match="skipping invalid item"):
+    with pytest.warns(UserWarning) as caught:
         cleaned, errors = check_datalist({"training": items}, on_error="warn", progress=False)
     assert [e.path for e in errors] == [str(bad)]
-    assert cleaned["training"] == [items[0], items[2]]
+    # items 0 and 2 are the same scan: checked and kept once, with one warning
+    assert cleaned["training"] == [items[0]]
+    messages = [str(w.message) for w in caught]
+    duplicates = "datalist (training): 1 duplicate item(s) dropped, each scan is used once"
+    assert f"{duplicates}: {phantom.image_path} (2 times)" in messages
+    assert sum(m.startswith("skipping invalid item") for m in messages) == 1
     with pytest.raises(InvalidScanError, match="1 NaN"):
         check_datalist({"training": items}, progress=False)
