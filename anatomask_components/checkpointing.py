@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from anatomask_components.files import atomic_write
 from anatomask_components.teacher import unwrap_model
 
 __all__ = [
@@ -20,43 +20,32 @@ __all__ = [
     "TrainingCheckpointer",
     "atomic_save",
     "find_checkpoints",
+    "is_main_process",
     "latest_checkpoint",
     "sweep_temporary_files",
 ]
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
-# atomic_save's temporary files: "." + target name + "." + mkstemp's random letters + ".tmp"
+# atomic_save's temporary files (files.atomic_path): "." + name + "." + mkstemp's random letters + ".tmp"
 _TEMPORARY_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]+\.tmp$")
 CORRUPT_SUFFIX = ".corrupt"
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Whether this is rank 0 of a distributed run, or the only process (the one that writes files)."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file.
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename: never a half-written file.
 
-    A process killed while writing leaves the temporary file ``.<name>.<random>.tmp`` next to ``path``;
-    :func:`sweep_temporary_files` removes such leftovers.
+    A process killed while writing leaves the temporary file ``.<name>.<random>.tmp`` next to ``path``
+    (:func:`anatomask_components.files.atomic_write`); :func:`sweep_temporary_files` removes such leftovers.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def sweep_temporary_files(
@@ -198,13 +187,13 @@ class TrainingCheckpointer:
 
     def start(self, engine: Engine) -> Path | None:
         """At ``STARTED``: sweep the leftovers of killed saves, then resume (see :meth:`load_latest`)."""
-        if _is_main_process():
+        if is_main_process():
             sweep_temporary_files(self.save_dir, lambda name: _CHECKPOINT_RE.match(name) is not None)
         return self.load_latest(engine)
 
     def save(self, engine: Engine) -> Path | None:
         """Write ``checkpoint_<iteration>.pt`` (main process only) and prune older ones of this run."""
-        if not _is_main_process():
+        if not is_main_process():
             return None
         iteration = engine.state.iteration
         path = self.save_dir / f"checkpoint_{iteration}.pt"
@@ -310,7 +299,7 @@ class TrainingCheckpointer:
                 unreadable.append((path, str(err)))
                 continue
             for bad, _ in unreadable:
-                if _is_main_process():
+                if is_main_process():
                     corrupt = bad.with_name(bad.name + CORRUPT_SUFFIX)
                     os.replace(bad, corrupt)
                     logger.warning(
@@ -358,13 +347,13 @@ class PretrainedExporter:
 
     def sweep(self, engine: Engine | None = None) -> None:
         """Delete the temporary files of interrupted exports (main process only)."""
-        if not _is_main_process():
+        if not is_main_process():
             return
         for path in {self.model_path, self.encoder_path}:
             sweep_temporary_files(path.parent, lambda name, path=path: name == path.name)
 
     def __call__(self, engine: Engine | None = None) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         net = unwrap_model(self.network)
         atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, self.model_path)

@@ -47,7 +47,7 @@ from anatomask_components.data.readers import is_resource_error
 from anatomask_components.data.validation import InvalidScanError, find_invalid_scan_error
 from anatomask_components.data.writers import write_volume
 from anatomask_components.determinism import sample_seed
-from anatomask_components.engines import masked_patch_errors
+from anatomask_components.inference import masked_patch_errors
 from anatomask_components.masking import num_masked
 from anatomask_components.patches import patchify
 from anatomask_components.weights import extract_state_dict, load_checkpoint

@@ -8,7 +8,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine
-from monai.engines.utils import IterationEvents
 from torch.profiler import record_function
 
 from anatomask_components.determinism import sample_seed
@@ -22,7 +21,7 @@ from anatomask_components.masking import (
 )
 from anatomask_components.teacher import EMATeacher, unwrap_model
 
-__all__ = ["AnatoMaskIteration", "masked_patch_errors", "training_scalars"]
+__all__ = ["AnatoMaskIteration", "training_scalars"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Masking = Literal["anatomask", "random", "hpm"]
@@ -291,115 +290,6 @@ class AnatoMaskIteration:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def masked_patch_errors(
-    network: torch.nn.Module,
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    patch_size: tuple[int, int, int],
-    teacher_target: Literal["raw", "normalized"] = "raw",
-) -> torch.Tensor:
-    """The teacher's score: reconstruction error of each patch that ``network`` had to reconstruct.
-
-    Args:
-        network: a pretraining model called as ``network(x, mask)``.
-        x: ``(B, C, H, W, D)`` input.
-        mask: ``(B, L)`` bool, True = masked.
-        patch_size: the mask unit.
-        teacher_target: ``"raw"`` (reference) or ``"normalized"`` per-patch target
-            (:func:`~anatomask_components.losses.patch_scores`).
-
-    Returns:
-        ``(B, L)`` mean squared error per masked patch; 0 on visible patches.
-    """
-    normalized = teacher_target == "normalized"
-    return patch_scores(network(x, mask), x, patch_size, normalized_target=normalized).masked_fill(~mask, 0.0)
-
-
 def training_scalars(output: dict[str, Any]) -> dict[str, float]:
     """The per-iteration scalars logged to the console and TensorBoard."""
     return {k: float(output[k]) for k in _SCALARS if k in output}
-
-
-class ReconstructionInference:
-    """Evaluator step that shows what a pretrained network learned, for ``SupervisedEvaluator``.
-
-    For each scan (padded to a multiple of the mask unit) it draws a random mask, lets ``scorer`` rank
-    the masked patches (``hard_ratio`` of them become the hardest, as in training), reconstructs with
-    ``network`` and returns, as MetaTensors on the image's grid:
-    ``masked`` (the network's input), ``reconstruction`` (de-normalised with each patch's own mean and
-    standard deviation, visible patches pasted from the input) and ``scores`` (the per-patch score,
-    constant within a patch; 0 on patches the scorer did not see).
-
-    Args:
-        mask_ratio: fraction of masked patches.
-        hard_ratio: fraction of masked patches chosen by score (``r_T`` = 0.5 shows the final state).
-        scorer: network that scores patches (the teacher); ``None`` uses the evaluated network.
-        teacher_target: ``"raw"`` or ``"normalized"``, as in training.
-        seed: seed of the random part of the mask.
-        image_key: key of the image in the batch.
-    """
-
-    def __init__(
-        self,
-        mask_ratio: float = 0.6,
-        hard_ratio: float = 0.5,
-        scorer: torch.nn.Module | None = None,
-        teacher_target: Literal["raw", "normalized"] = "raw",
-        seed: int = 0,
-        image_key: str = "image",
-    ) -> None:
-        self.mask_ratio = mask_ratio
-        self.hard_ratio = hard_ratio
-        self.scorer = scorer
-        self.teacher_target = teacher_target
-        self.seed = seed
-        self.image_key = image_key
-
-    @torch.no_grad()
-    def __call__(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
-        from monai.data import MetaTensor
-
-        from anatomask_components.patches import paste_reconstruction, patch_grid, patchify, unpatchify
-
-        network = engine.network
-        network.eval()
-        device = engine.state.device or torch.device("cpu")
-        image = batchdata[self.image_key]
-        x = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(
-            device=device, dtype=torch.float32
-        )
-        model = unwrap_model(network)
-        patch = model.patch_size
-        grid = patch_grid(x.shape[2:], patch)
-        length = model.num_patches(x.shape[2:])
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        mask = random_patch_mask(x.shape[0], length, self.mask_ratio, generator=generator, device=device)
-        scorer = self.scorer if self.scorer is not None else network
-        scorer.eval()
-        scores = masked_patch_errors(scorer, x, mask, patch, self.teacher_target)
-        if num_hard(num_masked(length, self.mask_ratio), self.hard_ratio) > 0:
-            mask = reconstruction_guided_mask(
-                scores, self.mask_ratio, self.hard_ratio, candidates=mask, generator=generator
-            )
-        composite = paste_reconstruction(network(x, mask), x, mask, patch)
-        target = patchify(x, patch)
-        visible = (~mask)[..., None].to(x.dtype)
-        per_voxel_scores = scores[..., None].expand_as(target)
-
-        def like_image(t: torch.Tensor) -> torch.Tensor:
-            return (
-                MetaTensor(t.cpu(), meta=getattr(image, "meta", {}), applied_operations=[])
-                if hasattr(image, "meta")
-                else t.cpu()
-            )
-
-        engine.state.output = {
-            self.image_key: image,
-            "masked": like_image(unpatchify(target * visible, patch, grid)),
-            "reconstruction": like_image(composite),
-            "scores": like_image(unpatchify(per_voxel_scores, patch, grid)),
-            "mask": mask.cpu(),
-        }
-        # MONAI decollates and post-processes on this event, which its own iteration would fire
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output

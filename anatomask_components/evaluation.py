@@ -1,9 +1,8 @@
-"""Evaluation of fine-tuned segmentation models: metrics, reports, and the case lists they run on.
+"""Evaluation of fine-tuned segmentation models: metrics and reports.
 
-Case lists: :func:`datalist_section` and :func:`inference_items` turn a datalist, a dataset folder, a
-folder of scans or one scan into items with a unique ``case`` name (used for output files and metric
-rows); :func:`reference_label_transforms` loads a reference label map in its own geometry, where the
-predictions are scored.
+The case lists they run on (``datalist_section``, ``inference_items``) are in
+:mod:`anatomask_components.data.datalists`; :func:`reference_label_transforms` loads a reference label map
+in its own geometry, where the predictions are scored.
 
 Metrics (per case, per foreground class):
 
@@ -33,7 +32,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,27 +43,22 @@ from monai.metrics import compute_surface_dice
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from scipy import ndimage
 
-from anatomask_components.data.datalists import build_datalist, find_scans, load_datalist_section
 from anatomask_components.data.labels import RemapLabelsd
-from anatomask_components.data.readers import AnatoMaskReader, image_suffix, is_dicom_series_dir
-from anatomask_components.data.validation import InvalidScanError, ValidateScand
+from anatomask_components.data.readers import AnatoMaskReader
+from anatomask_components.data.validation import ValidateScand
+from anatomask_components.files import atomic_write_text
 
 __all__ = [
     "DEFAULT_TOLERANCE_MM",
     "METRIC_COLUMNS",
-    "case_ids",
     "case_metrics",
-    "datalist_section",
     "format_report",
-    "inference_items",
-    "atomic_write_text",
     "read_metrics_csv",
     "reference_label_transforms",
     "report",
     "resolve_tolerances",
     "summarize",
     "voxel_spacing",
-    "with_case_ids",
     "write_metrics",
 ]
 
@@ -86,150 +79,6 @@ CSV_COLUMNS = (
 _LESION_CONNECTIVITY = ndimage.generate_binary_structure(3, 2)
 # The AutoPET study layout: one folder per study with these channel files.
 AUTOPET_CHANNEL_FILES = ("CTres.nii.gz", "SUV.nii.gz")
-
-
-def case_ids(
-    items: Sequence[Mapping[str, Any]], image_key: str = "image", root: str | os.PathLike | None = None
-) -> list[str]:
-    """Unique, readable case names for datalist items.
-
-    A case is named after its image file (or, for a list of channel files, their common folder),
-    relative to ``root`` (default: the folder that holds all cases), without the image suffix and with
-    ``/`` replaced by ``_``: ``images/case_001.nii.gz`` -> ``case_001``,
-    ``PETCT_0a1/03-2001/{CTres,SUV}.nii.gz`` -> ``PETCT_0a1_03-2001``. Repeated names get ``_2``, ...
-
-    Args:
-        items: datalist items.
-        image_key: the item key of the image path (or list of channel paths).
-        root: the folder names are relative to; it must hold every case.
-
-    Returns:
-        one name per item.
-    """
-    anchors = []
-    for item in items:
-        value = item[image_key]
-        paths = (
-            [os.path.abspath(v) for v in value]
-            if isinstance(value, (list, tuple))
-            else [os.path.abspath(value)]
-        )
-        anchors.append(Path(paths[0] if len(paths) == 1 else os.path.commonpath(paths)))
-    if not anchors:
-        return []
-    root = (
-        Path(os.path.abspath(root))
-        if root is not None
-        else Path(os.path.commonpath([a.parent for a in anchors]))
-    )
-    names: list[str] = []
-    for anchor in anchors:
-        relative = anchor.relative_to(root)
-        name = str(relative) if relative.parts else anchor.name
-        suffix = image_suffix(name)
-        name = (name[: -len(suffix)] if suffix else name).replace(os.sep, "_")
-        unique, repeat = name, 1
-        while unique in names:
-            repeat += 1
-            unique = f"{name}_{repeat}"
-        names.append(unique)
-    return names
-
-
-def with_case_ids(
-    items: Sequence[Mapping[str, Any]],
-    image_key: str = "image",
-    case_key: str = "case",
-    root: str | os.PathLike | None = None,
-) -> list[dict[str, Any]]:
-    """Copies of ``items`` with a ``case`` name (:func:`case_ids`) where they have none."""
-    names = case_ids(items, image_key, root)
-    return [{case_key: name, **item} for item, name in zip(items, names)]
-
-
-def datalist_section(
-    source: str | os.PathLike,
-    section: str,
-    require_labels: bool = False,
-    label_key: str = "label",
-) -> list[dict[str, Any]]:
-    """The items of one section of a datalist, named (see :func:`case_ids`).
-
-    Args:
-        source: a MONAI datalist JSON (relative paths are resolved from its folder), or a dataset folder in
-            any layout :func:`anatomask_components.data.datalists.build_datalist` recognises (nnU-Net,
-            MSD, AutoPET; split 70/10/20 with seed 0).
-        section: ``"training"``, ``"validation"`` or ``"test"``; a section the datalist lacks is empty.
-        require_labels: raise if an item has no ``label_key``.
-        label_key: the label item key.
-
-    Returns:
-        the items, each with a ``case`` name.
-
-    Raises:
-        ValueError: an item without a label when ``require_labels``.
-    """
-    source = Path(source)
-    if source.is_file():
-        # one-line errors for broken JSON, repeated items dropped with a warning
-        items = load_datalist_section(source, section)
-    else:
-        items = build_datalist(str(source)).get(section, [])
-    if require_labels:
-        unlabelled = [item for item in items if label_key not in item]
-        if unlabelled:
-            raise ValueError(
-                f"{source}: {len(unlabelled)} {section} item(s) without '{label_key}', e.g. {unlabelled[0]}"
-            )
-    return with_case_ids(items)
-
-
-def inference_items(
-    source: str | os.PathLike,
-    channel_files: Sequence[str] | None = None,
-    section: str = "test",
-    modality: str | None = None,
-) -> list[dict[str, Any]]:
-    """The scans to segment, named (see :func:`case_ids`).
-
-    Args:
-        source: one scan (a file or a DICOM series folder), a folder searched recursively for scans
-            (NIfTI, NRRD, MHA/MHD, DICOM series), or a datalist JSON (its ``section``).
-        channel_files: for multi-channel models: the file names of the channels inside each case folder
-            (AutoPET: ``("CTres.nii.gz", "SUV.nii.gz")``); every folder under ``source`` that holds all
-            of them is a case.
-        section: the datalist section to read when ``source`` is a JSON file.
-        modality: stored as ``modality`` in items that have none (e.g. ``"MR"`` for a folder of MR scans).
-
-    Returns:
-        items ``{"case": name, "image": path or [channel paths], ...}``.
-
-    Raises:
-        InvalidScanError: the source does not exist or holds no scans.
-    """
-    source = Path(source)
-    if not source.exists():
-        raise InvalidScanError(source, "does not exist")
-    if source.is_file() and source.suffix.lower() == ".json":
-        items = datalist_section(source, section)
-    elif channel_files:
-        folders = sorted({p.parent for p in source.rglob(channel_files[0])})
-        items = [
-            {"image": [str(folder / name) for name in channel_files]}
-            for folder in folders
-            if all((folder / name).is_file() for name in channel_files)
-        ]
-    elif source.is_file() or is_dicom_series_dir(source):
-        items = [{"image": str(source)}]
-    else:
-        items = [{"image": scan} for scan in find_scans(source)[0]]
-    if not items:
-        wanted = f"case folders with {', '.join(channel_files)}" if channel_files else "scans"
-        raise InvalidScanError(source, f"no {wanted} found")
-    if modality is not None:
-        items = [{"modality": modality, **item} for item in items]
-    folder = source if source.is_dir() and not is_dicom_series_dir(source) else None
-    return with_case_ids(items, root=folder)
 
 
 def reference_label_transforms(
@@ -449,20 +298,6 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "classes": summary_classes,
         "per_case_mean": per_case,
     }
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _csv_value(value: Any) -> Any:

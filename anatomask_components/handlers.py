@@ -7,9 +7,8 @@
 - :class:`BestModelSaver`: write ``models/model.pt`` (flat state dict, atomically) when validation improves.
 - :class:`SegmentationMetricsSaver`: DSC and NSD per case and class in the original image space, written as
   CSV and a JSON summary when an evaluation ends.
-- :class:`CaseInference`: the process function of the inference evaluator: one case at a time, written as a
-  label map in the input's geometry, with progress lines (case start, sliding-window progress, seconds per
-  case); a case that fails is logged and skipped.
+
+The inference evaluators' process functions are in :mod:`anatomask_components.inference`.
 """
 
 from __future__ import annotations
@@ -19,66 +18,40 @@ import logging
 import math
 import os
 import resource
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
-from monai.data.utils import dense_patch_slices
-from monai.inferers import SlidingWindowInferer
-from monai.networks.utils import eval_mode
-from monai.utils import ensure_tuple_rep, fall_back_tuple
 
-from anatomask_components.checkpointing import atomic_save
-from anatomask_components.data.validation import GRID_TOLERANCE_MM, find_invalid_scan_error, source_name
-from anatomask_components.data.writers import write_volume
+from anatomask_components.checkpointing import atomic_save, is_main_process
+from anatomask_components.data.validation import source_name
+from anatomask_components.data.writers import align_to_reference, write_label_map
 from anatomask_components.evaluation import (
     DEFAULT_TOLERANCE_MM,
-    atomic_write_text,
     case_metrics,
     format_report,
     voxel_spacing,
     write_metrics,
 )
+from anatomask_components.files import atomic_write_text
 from anatomask_components.teacher import unwrap_model
 from anatomask_components.weights import WeightTransferReport, transfer_weights
 
 __all__ = [
     "BestModelSaver",
-    "CaseInference",
     "PretrainedWeightsLoader",
     "SegmentationMetricsSaver",
     "TrainingProgress",
     "read_training_log",
-    "align_to_reference",
-    "sliding_window_count",
-    "write_label_map",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_main_process() -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed or torch.distributed.get_rank() == 0
-
-
-def _error_message(error: BaseException) -> str:
-    """The innermost cause of an error (MONAI wraps transform errors in 'applying transform ...')."""
-    invalid = find_invalid_scan_error(error)
-    if invalid is not None:
-        return str(invalid)
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
 
 
 class PretrainedWeightsLoader:
@@ -150,7 +123,7 @@ class PretrainedWeightsLoader:
         return self.report
 
     def _write_report(self, report: dict[str, Any]) -> None:
-        if self.report_path is not None and _is_main_process():
+        if self.report_path is not None and is_main_process():
             atomic_write_text(self.report_path, json.dumps(report, indent=4) + "\n")
 
 
@@ -209,13 +182,13 @@ class TrainingProgress:
             return
         self._start_time = self._last_time = time.perf_counter()
         self._start_iteration = engine.state.iteration - 1
-        if self.log_path is not None and _is_main_process():
+        if self.log_path is not None and is_main_process():
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             if self._start_iteration == 0:
                 self.log_path.write_text("")
 
     def __call__(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         now = time.perf_counter()
         seconds, self._last_time = now - self._last_time, now
@@ -304,7 +277,7 @@ class BestModelSaver:
         self.saved = bool(state["saved"])
 
     def __call__(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         value = engine.state.metrics.get(self.metric_name)
         value = float(value) if value is not None else math.nan
@@ -326,49 +299,6 @@ class BestModelSaver:
             "none yet" if self.best is None else f"{self.best:.4f}",
             self.save_path,
         )
-
-
-def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient a (H, W, D) array to the axis order closest to RAS (exact: permutes and flips only)."""
-    orientation = nib.orientations.io_orientation(affine)
-    reoriented = nib.orientations.apply_orientation(array, orientation)
-    return reoriented, affine @ nib.orientations.inv_ornt_aff(orientation, array.shape)
-
-
-def align_to_reference(
-    prediction: MetaTensor, reference: MetaTensor, case: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bring a prediction and a reference label map onto one voxel grid, exactly.
-
-    The prediction is in its input image's geometry; the reference label file may store the same voxels
-    with axes permuted or flipped (e.g. a NIfTI label of a DICOM series). If the two grids differ, both
-    are reoriented to RAS, which makes equal grids identical.
-
-    Args:
-        prediction: (1, H, W, D) label map with its affine.
-        reference: (1, H', W', D') label map with its affine.
-        case: named in errors.
-
-    Returns:
-        prediction (H, W, D), reference (H, W, D), and their common affine.
-
-    Raises:
-        ValueError: the two describe different grids (other spacing, extent or position).
-    """
-    pred = np.asarray(prediction.detach().cpu())[0]
-    ref = np.asarray(reference.detach().cpu())[0]
-    pred_affine = np.asarray(prediction.affine, dtype=np.float64)
-    ref_affine = np.asarray(reference.affine, dtype=np.float64)
-    if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=GRID_TOLERANCE_MM):
-        pred, pred_affine = _canonical(pred, pred_affine)
-        ref, ref_affine = _canonical(ref, ref_affine)
-        if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=GRID_TOLERANCE_MM):
-            raise ValueError(
-                f"{case}: the prediction (shape {pred.shape}) and the reference label "
-                f"{source_name(reference)} (shape {ref.shape}) are on different voxel grids; the label must "
-                "share the image's grid"
-            )
-    return pred, ref, ref_affine
 
 
 class SegmentationMetricsSaver:
@@ -454,265 +384,8 @@ class SegmentationMetricsSaver:
 
     def write(self, engine: Engine | None = None) -> dict[str, Any] | None:
         """Write the CSV and the JSON summary, and log the summary table."""
-        if not _is_main_process():
+        if not is_main_process():
             return None
         summary = write_metrics(self.rows, self.csv_path, self.summary_path)
         logger.info("metrics: %s, %s\n%s", self.csv_path, self.summary_path, format_report(summary))
         return summary
-
-
-def _write_nifti_atomic(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI through a temporary file in the same folder, so no half-written file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(handle)
-    try:
-        write_volume(temporary, array, affine)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_label_map(path: str | os.PathLike, label_map: MetaTensor) -> Path:
-    """Write a (1, H, W, D) label map with its affine as NIfTI (uint8; uint16 beyond 255), atomically.
-
-    Args:
-        path: the ``.nii.gz`` file.
-        label_map: integer-valued label map; its ``affine`` is the voxel-to-RAS affine to store.
-
-    Returns:
-        the written path.
-    """
-    labels = np.asarray(label_map.detach().cpu())[0].round()
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    return _write_nifti_atomic(
-        Path(path), labels.astype(dtype), np.asarray(label_map.affine, dtype=np.float64)
-    )
-
-
-def sliding_window_count(inferer: Any, spatial_shape: Sequence[int]) -> int | None:
-    """How many windows ``inferer`` runs on one image of ``spatial_shape`` (None if not a sliding window).
-
-    Mirrors :func:`monai.inferers.sliding_window_inference`: the image is padded to the window size where it
-    is smaller, and windows are ``int(roi * (1 - overlap))`` apart (whole extent where roi equals it).
-    """
-    if not isinstance(inferer, SlidingWindowInferer):
-        return None
-    spatial_shape = [int(s) for s in spatial_shape]
-    roi = fall_back_tuple(inferer.roi_size, spatial_shape)
-    image = [max(s, r) for s, r in zip(spatial_shape, roi)]
-    overlap = ensure_tuple_rep(inferer.overlap, len(image))
-    interval = [r if r == s else max(int(r * (1 - o)), 1) for s, r, o in zip(image, roi, overlap)]
-    return len(dense_patch_slices(image, roi, interval))
-
-
-class _WindowProgress:
-    """Wraps the network given to the inferer: counts the windows it runs, times them, logs every tenth.
-
-    A light replacement for ``SlidingWindowInferer(progress=True)``, which needs tqdm (not a dependency) and
-    draws a bar that log files do not show well. A retry of the inferer (e.g. ``SlidingWindowInfererAdapt``
-    after running out of memory) counts on; the logged numbers stop at 100 %. ``network_seconds`` is the
-    time spent inside the network (on a GPU, up to its asynchronous launches), what the rest of the
-    inference is compared with.
-    """
-
-    def __init__(
-        self, network: Callable[..., Any], total: int | None, label: str, start: float, log: bool = True
-    ) -> None:
-        self.network = network
-        self.total = total
-        self.label = label
-        self.start = start
-        self.log = log
-        self.done = 0
-        self.network_seconds = 0.0
-        self._next_tenth = 1
-
-    def __call__(self, windows: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = self.network(windows, *args, **kwargs)
-        self.network_seconds += time.perf_counter() - started
-        self.done += int(windows.shape[0])
-        if self.total and self.log:
-            tenth = min(10 * self.done // self.total, 10)
-            if tenth >= self._next_tenth:
-                self._next_tenth = tenth + 1
-                logger.info(
-                    "%s: sliding window %d%% (%d/%d windows, %.1f s)",
-                    self.label,
-                    min(100 * self.done // self.total, 100),
-                    min(self.done, self.total),
-                    self.total,
-                    time.perf_counter() - self.start,
-                )
-        return output
-
-
-class CaseInference:
-    """Process function (``iteration_update``) and handler of an inference ``SupervisedEvaluator``.
-
-    The evaluator's data loader yields raw datalist items (``collate_fn=monai.data.utils.no_collation``).
-    Each case is preprocessed, inferred with the evaluator's inferer and network, postprocessed (inverted to
-    the input geometry, argmax) and written as ``<output_dir>/<case>_<postfix>.nii.gz`` with the input's
-    shape and affine, one at a time. A case that fails anywhere (unreadable scan, out of memory, ...) is
-    logged with its error and skipped; the others are written. When the run ends, ``inference_report.json``
-    lists the written and the failed cases with the seconds each took (for a written case also per stage:
-    ``preprocess``, ``inferer`` (sliding window: windows, blending), ``network`` (inside the network alone),
-    ``postprocess`` (inversion to the input grid, argmax) and ``write``); if every case failed, the run
-    raises.
-
-    Progress: each case logs ``[i/N] <case>: started``, then (``progress``, sliding-window inferers) a line
-    per tenth of its windows, ``[i/N] <case>: sliding window 40% (52/130 windows, 12.3 s)``, and ends with
-    ``[i/N] <case>: <label map> (15.0 s)``; the run ends with the total and the mean seconds per case.
-
-    Args:
-        preprocessing: the inference preprocessing (invertible, e.g.
-            :func:`anatomask_components.data.preprocessing.inference_transforms`).
-        postprocessing: turns ``pred`` (network output, C channels) into a (1, H, W, D) label map in the
-            input geometry; may also keep the inverted probabilities under ``probabilities_key``.
-        output_dir: output folder.
-        save_probabilities: also write ``<case>_probabilities.nii.gz`` (H, W, D, C float32), which needs
-            ``probabilities_key`` from the postprocessing.
-        output_postfix: suffix of the label map file names.
-        progress: log the sliding-window progress of each case (every tenth of its windows).
-        image_key, pred_key, probabilities_key, case_key: item keys.
-    """
-
-    def __init__(
-        self,
-        preprocessing: Callable[[dict[str, Any]], dict[str, Any]],
-        postprocessing: Callable[[dict[str, Any]], dict[str, Any]],
-        output_dir: str | os.PathLike,
-        save_probabilities: bool = False,
-        output_postfix: str = "seg",
-        progress: bool = True,
-        image_key: str = "image",
-        pred_key: str = "pred",
-        probabilities_key: str = "probabilities",
-        case_key: str = "case",
-    ) -> None:
-        self.preprocessing = preprocessing
-        self.postprocessing = postprocessing
-        self.output_dir = Path(output_dir)
-        self.save_probabilities = save_probabilities
-        self.output_postfix = output_postfix
-        self.progress = progress
-        self.image_key = image_key
-        self.pred_key = pred_key
-        self.probabilities_key = probabilities_key
-        self.case_key = case_key
-        self.written: list[dict[str, Any]] = []
-        self.failed: list[dict[str, Any]] = []
-        self._run_start: float | None = None
-
-    @property
-    def report_path(self) -> Path:
-        return self.output_dir / "inference_report.json"
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.COMPLETED, self.finish)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self.written, self.failed = [], []
-        self._run_start = time.perf_counter()
-
-    def __call__(self, engine: Engine, batch: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        return [self.run_case(engine, item) for item in batch]
-
-    def run_case(self, engine: Engine, item: Mapping[str, Any]) -> dict[str, Any]:
-        """Segment and write one case; never raises for a case-level failure.
-
-        Returns:
-            ``{"case", "label_map", "seconds"}`` (plus ``"probabilities"``), or ``{"case", "image", "error",
-            "seconds"}``.
-        """
-        case = str(item.get(self.case_key) or item[self.image_key])
-        progress = f"[{engine.state.iteration}/{engine.state.epoch_length}] {case}"
-        start = time.perf_counter()
-        logger.info("%s: started", progress)
-        stages: dict[str, float] = {}
-        try:
-            data = self.preprocessing(dict(item))
-            inputs = data[self.image_key].unsqueeze(0).to(engine.state.device)
-            stages["preprocess"] = time.perf_counter() - start
-            windows = sliding_window_count(engine.inferer, inputs.shape[2:])
-            if self.progress:
-                logger.info(
-                    "%s: preprocessed to %s in %.1f s%s",
-                    progress,
-                    "x".join(str(int(s)) for s in inputs.shape[1:]),
-                    stages["preprocess"],
-                    f", {windows} sliding windows" if windows else "",
-                )
-            network = _WindowProgress(engine.network, windows, progress, start, log=self.progress)
-            mark = time.perf_counter()
-            with eval_mode(engine.network):
-                logits = engine.inferer(inputs, network)
-            data[self.pred_key] = logits[0].detach().cpu()
-            stages["inferer"] = time.perf_counter() - mark
-            stages["network"] = network.network_seconds
-            del inputs, logits
-            mark = time.perf_counter()
-            data = self.postprocessing(data)
-            stages["postprocess"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            label_map = data[self.pred_key]
-            affine = np.asarray(label_map.affine, dtype=np.float64)
-            labels = np.asarray(label_map.detach().cpu())[0].round()
-            dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-            result: dict[str, Any] = {"case": case}
-            result["label_map"] = str(
-                _write_nifti_atomic(
-                    self.output_dir / f"{case}_{self.output_postfix}.nii.gz", labels.astype(dtype), affine
-                )
-            )
-            if self.save_probabilities:
-                probabilities = np.asarray(data[self.probabilities_key].detach().cpu(), dtype=np.float32)
-                result["probabilities"] = str(
-                    _write_nifti_atomic(
-                        self.output_dir / f"{case}_probabilities.nii.gz",
-                        np.moveaxis(probabilities, 0, -1),
-                        affine,
-                    )
-                )
-        except Exception as error:  # a bad case must not stop the others; reported below
-            message = _error_message(error)
-            seconds = round(time.perf_counter() - start, 2)
-            logger.error("%s: FAILED after %.1f s, skipped (%s)", progress, seconds, message)
-            failure = {"case": case, "image": item.get(self.image_key), "error": message, "seconds": seconds}
-            self.failed.append(failure)
-            return failure
-        stages["write"] = time.perf_counter() - mark
-        result["seconds"] = round(time.perf_counter() - start, 2)
-        result["windows"] = windows
-        result["stage_seconds"] = {k: round(v, 3) for k, v in stages.items()}
-        logger.info("%s: %s (%.1f s)", progress, result["label_map"], result["seconds"])
-        self.written.append(result)
-        return result
-
-    def finish(self, engine: Engine | None = None) -> None:
-        """Write ``inference_report.json`` and log the outcome; raise if no case could be segmented."""
-        cases = len(self.written) + len(self.failed)
-        total = time.perf_counter() - self._run_start if self._run_start is not None else 0.0
-        report = {
-            "written": self.written,
-            "failed": self.failed,
-            "seconds": round(total, 2),
-            "seconds_per_case": round(total / cases, 2) if cases else None,
-        }
-        atomic_write_text(self.report_path, json.dumps(report, indent=4))
-        logger.info(
-            "inference: %d case(s) written, %d failed in %.1f s (%.1f s per case); report %s",
-            len(self.written),
-            len(self.failed),
-            total,
-            total / max(cases, 1),
-            self.report_path,
-        )
-        for failure in self.failed:
-            logger.warning("failed case %s: %s", failure["case"], failure["error"])
-        if self.failed and not self.written:
-            raise RuntimeError(f"all {len(self.failed)} case(s) failed; see {self.report_path}")

@@ -34,7 +34,7 @@ from anatomask_components.data.checks import datalist_items, load_datalist
 from anatomask_components.data.datalists import find_scans
 from anatomask_components.data.validation import InvalidScanError
 from anatomask_components.difficulty import DifficultyScorer, ScanDifficulty
-from anatomask_components.evaluation import atomic_write_text
+from anatomask_components.files import atomic_write_text
 
 __all__ = ["list_scans", "rank_scans", "write_csv", "write_html"]
 

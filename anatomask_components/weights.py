@@ -56,8 +56,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.networks.nets import ViT
 
+from anatomask_components.networks.contract import fine_tuning_contract
+from anatomask_components.networks.stunet import STUNET_INPUT_CONV_KEYS, stunet_key_map
+from anatomask_components.networks.vit import VIT_INPUT_CONV_KEYS, vit_key_map
 from anatomask_components.teacher import unwrap_model
 
 __all__ = [
@@ -74,18 +76,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The two convolutions of a STU-Net that read the input image: the first 3x3x3 convolution of stage 0
-# and the 1x1 shortcut projection of the same block.
-STUNET_INPUT_CONV_KEYS: tuple[str, ...] = (
-    "conv_blocks_context.0.0.conv1.weight",
-    "conv_blocks_context.0.0.conv3.weight",
-)
-# The patch embedding of a UNETR's ViT reads the input image (a convolution with proj_type="conv").
-VIT_INPUT_CONV_KEYS: tuple[str, ...] = ("vit.patch_embedding.patch_embeddings.weight",)
-# Prefixes added by wrappers around a network: DistributedDataParallel/DataParallel, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# The sparse pretraining encoder keeps the STU-Net modules under this name (reference and this project).
-_SPARSE_ENCODER_MARKER = "sp_cnn."
+# STUNET_INPUT_CONV_KEYS / stunet_key_map (networks.stunet) and VIT_INPUT_CONV_KEYS / vit_key_map
+# (networks.vit) live beside their networks; they are re-exported here.
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -297,89 +289,6 @@ def extract_state_dict(
     )
 
 
-def _strip_wrappers(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
-
-
-def stunet_key_map(keys: Sequence[str]) -> dict[str, str]:
-    """Map the keys of a file to STU-Net keys.
-
-    Wrapper prefixes (``module.``, ``_orig_mod.``) are dropped. If any key belongs to a sparse pretraining
-    encoder (contains ``sp_cnn.``), only those keys are used, with everything up to ``sp_cnn.`` removed
-    (what the reference fine-tuning loader does); the other keys are not mapped.
-
-    Args:
-        keys: the file's keys.
-
-    Returns:
-        ``{STU-Net key: file key}``.
-
-    Raises:
-        ValueError: two file keys map to the same STU-Net key.
-    """
-    sparse = any(_SPARSE_ENCODER_MARKER in k for k in keys)
-    mapping: dict[str, str] = {}
-    for key in keys:
-        if sparse:
-            if _SPARSE_ENCODER_MARKER not in key:
-                continue
-            name = key.split(_SPARSE_ENCODER_MARKER, 1)[1]
-        else:
-            name = _strip_wrappers(key)
-        if name in mapping:
-            raise ValueError(f"file keys {mapping[name]!r} and {key!r} both map to {name!r}")
-        mapping[name] = key
-    return mapping
-
-
-def _is_vit_network(network: nn.Module) -> bool:
-    return isinstance(getattr(network, "vit", None), ViT)
-
-
-def vit_key_map(keys: Sequence[str]) -> dict[str, str]:
-    """Map the keys of a file to the keys of a network holding a MONAI ``ViT`` under ``vit.`` (UNETR).
-
-    Wrapper prefixes are dropped. A file whose keys already start with ``vit.`` (a UNETR) maps one to one.
-    Otherwise the file is a ViT or a ViT masked autoencoder: ``patch_embedding.*``, ``blocks.{i}.*`` and
-    ``norm.*`` map to ``vit.<key>``; MONAI's ``MaskedAutoEncoderViT`` keeps its final LayerNorm as the last
-    entry of ``blocks`` (``blocks.{n}.weight`` / ``.bias``, no sub-module), which maps to ``vit.norm.*``.
-    Other keys (class token, decoders, loss predictor) are not mapped.
-
-    Args:
-        keys: the file's keys.
-
-    Returns:
-        ``{network key: file key}``.
-
-    Raises:
-        ValueError: two file keys map to the same network key.
-    """
-    names = {key: _strip_wrappers(key) for key in keys}
-    unetr = any(name.startswith("vit.") for name in names.values())
-    mapping: dict[str, str] = {}
-    for key, name in names.items():
-        if unetr:
-            target = name
-        elif name.startswith(("patch_embedding.", "norm.")):
-            target = "vit." + name
-        elif name.startswith("blocks."):
-            parts = name.split(".")
-            # "blocks.12.weight": a LayerNorm placed in the block list (MAE), not a transformer block
-            target = "vit.norm." + parts[2] if len(parts) == 3 else "vit." + name
-        else:
-            continue
-        if target in mapping:
-            raise ValueError(f"file keys {mapping[target]!r} and {key!r} both map to {target!r}")
-        mapping[target] = key
-    return mapping
-
-
 def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """Adapt a convolution kernel to another number of input channels (the module docstring's rule).
 
@@ -406,6 +315,10 @@ def transfer_weights(
 ) -> WeightTransferReport:
     """Load pretrained weights into ``network`` by name, and report what was loaded and what was not.
 
+    The network says how its keys are named in a checkpoint and which convolutions read the input image
+    (:func:`~anatomask_components.networks.fine_tuning_contract`: STU-Net declares it on its class, the
+    contract of MONAI's UNETR is registered in :mod:`anatomask_components.networks.vit`).
+
     Network tensors that the file holds under another shape are left at their initial values with a warning
     naming each one and both shapes (a checkpoint of another network: AMOS22's 16-class model in a
     14-class FLARE22 network leaves the output heads random); ``strict_shapes`` makes that an error.
@@ -418,8 +331,9 @@ def transfer_weights(
         network_key: for training checkpoints of the pretraining bundle: ``"student"`` or ``"teacher"``.
         adapt_channels: adapt ``input_conv_keys`` whose input channels differ (rule in the module
             docstring); when False they are reported as shape mismatches.
-        input_conv_keys: the network keys of the convolutions that read the input image; None:
-            :data:`STUNET_INPUT_CONV_KEYS`, or :data:`VIT_INPUT_CONV_KEYS` for a ViT network.
+        input_conv_keys: the network keys of the convolutions that read the input image; None: the
+            network's own (:func:`~anatomask_components.networks.fine_tuning_contract`:
+            :data:`STUNET_INPUT_CONV_KEYS`, or :data:`VIT_INPUT_CONV_KEYS` for a ViT network).
         require_all: raise unless every network tensor is loaded (e.g. for official STU-Net weights with
             the same classes, or for a fine-tuned ``model.pt``).
         strict_shapes: raise instead of warning when a tensor of the file has another shape than the
@@ -442,10 +356,10 @@ def transfer_weights(
     checkpoint = load_checkpoint(source) if not isinstance(source, Mapping) else source
     file_state, source_format = extract_state_dict(checkpoint, network_key, name)
     net = unwrap_model(network)
-    vit = _is_vit_network(net)
-    key_map = vit_key_map(list(file_state)) if vit else stunet_key_map(list(file_state))
+    contract = fine_tuning_contract(net)
+    key_map = contract.key_map(list(file_state))
     if input_conv_keys is None:
-        input_conv_keys = VIT_INPUT_CONV_KEYS if vit else STUNET_INPUT_CONV_KEYS
+        input_conv_keys = contract.input_conv_keys
     target = net.state_dict()
     report = WeightTransferReport(source=name, source_format=source_format, num_network_tensors=len(target))
     updates: dict[str, torch.Tensor] = {}

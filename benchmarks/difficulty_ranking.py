@@ -58,11 +58,11 @@ def pretrain_bundle(work: Path, data: Path, seed: int) -> Path:
     from anatomask_components.demo.pipeline import (
         BUNDLES_DIR,
         PRETRAIN_BUNDLE,
-        DemoSettings,
         prepare_bundle,
         pretrain_override,
         run_bundle,
     )
+    from anatomask_components.demo.settings import DemoSettings
 
     settings = DemoSettings.preset(seed=seed)
     datalist = data / "datalists" / "pretrain.json"

@@ -23,11 +23,12 @@ import torch
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
-from anatomask_components.networks import AnatoMaskPretrainModel, MAEPretrainModel
+from anatomask_components.networks import STUNET_PRESETS, AnatoMaskPretrainModel, MAEPretrainModel
 from anatomask_components.teacher import EMATeacher
 
 # the small STU-Net of the benchmarks (widths 8-64, mask unit 16^3)
-TINY_STUNET = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64]}
+# the tiny preset's blocks and widths, with the default strides (four halvings: total stride 16)
+TINY_STUNET = {"depths": list(STUNET_PRESETS["tiny"][0]), "dims": list(STUNET_PRESETS["tiny"][1])}
 
 
 def _methods(stunet_roi: list[int], vit_roi: list[int]) -> dict[str, dict]:

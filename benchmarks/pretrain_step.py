@@ -22,11 +22,12 @@ from common import METHODS, add_run_arguments, print_results, run_configurations
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
-from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.networks import STUNET_PRESETS, AnatoMaskPretrainModel
 from anatomask_components.optim import parameter_groups
 from anatomask_components.teacher import EMATeacher
 
-TINY = {"depths": [1, 1, 1, 1, 1], "dims": [8, 16, 32, 64, 64]}
+# the tiny preset's blocks and widths, with the default strides (four halvings: total stride 16)
+TINY = {"depths": list(STUNET_PRESETS["tiny"][0]), "dims": list(STUNET_PRESETS["tiny"][1])}
 
 
 def network_kwargs(size: str) -> dict:

@@ -8,10 +8,11 @@ import torch
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
+from anatomask_components.networks.stunet import stunet_preset
 from anatomask_components.teacher import EMATeacher
 
 # mask unit 8^3: 64 patches on a 32^3 crop, 38 masked at ratio 0.6, 19 of them hard at r_t = 0.5
-TINY_STUNET = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
+TINY_STUNET = stunet_preset("tiny")  # depths [1] * 5, widths 8-64, strides [2,2,2] x 3 + [1,1,1]
 
 
 def iteration_engine(network: torch.nn.Module, iteration: int = 1, fused: bool = False) -> SimpleNamespace:

@@ -23,12 +23,12 @@ from anatomask_components.demo.pipeline import (
     BUNDLES_DIR,
     FINETUNE_BUNDLE,
     PRETRAIN_BUNDLE,
-    DemoSettings,
     finetune_override,
     prepare_bundle,
     pretrain_override,
 )
 from anatomask_components.demo.report import FIGURES
+from anatomask_components.demo.settings import DemoSettings
 from anatomask_components.patches import unpatchify
 
 

@@ -23,9 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The bundle's small-model preset at 6 mm: case A (122 x 101 x 112 at 3 mm) becomes 62 x 51 x 57 voxels, eight
 # 32^3 windows of 64 patches (mask unit 8^3).
 TINY_BUNDLE = {
-    "stunet_depths": [1, 1, 1, 1, 1],
-    "stunet_dims": [8, 16, 32, 64, 64],
-    "stunet_strides": [[2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1]],
+    "stunet_size": "tiny",
     "roi_size": [32, 32, 32],
     "spacing": [6.0, 6.0, 6.0],
 }

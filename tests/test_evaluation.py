@@ -11,18 +11,17 @@ import torch
 from monai.data import MetaTensor
 
 from anatomask_components.cli import COMMANDS
+from anatomask_components.data.datalists import case_ids, inference_items
+from anatomask_components.data.writers import align_to_reference
 from anatomask_components.evaluation import (
-    case_ids,
     case_metrics,
     format_report,
-    inference_items,
     read_metrics_csv,
     resolve_tolerances,
     summarize,
     voxel_spacing,
     write_metrics,
 )
-from anatomask_components.handlers import align_to_reference
 
 
 def _cube(shape=(40, 40, 40), start=(10, 10, 10), size=10, label=1) -> np.ndarray:

@@ -33,11 +33,12 @@ from anatomask_components.data.phantoms import (
 from anatomask_components.data.writers import write_volume
 from anatomask_components.export import BUNDLE_NAMES, SCRIPTS_LOADER, export_bundle
 from anatomask_components.networks import STUNet
+from anatomask_components.networks.stunet import stunet_preset
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 PACKAGE_DIR = Path(anatomask_components.__file__).parent
 PACKAGE = "anatomask_components"
-TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
+TINY = stunet_preset("tiny")  # depths [1] * 5, widths 8-64, strides [2,2,2] x 3 + [1,1,1]
 BARE_PACKAGE = re.compile(rf"(?<![\w.]){PACKAGE}\b")
 # ``python -m monai.bundle`` where the package cannot be imported: the bundle folder (the working directory)
 # comes first on sys.path, as with -m, and any import of the package fails.
@@ -294,7 +295,7 @@ def test_inference_without_package(where, tmp_path):
         "--output_dir", str(tmp_path / "predictions"),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"scripts.{PACKAGE}.handlers" in done.stdout + done.stderr  # the code ran from scripts/
+    assert f"scripts.{PACKAGE}.inference" in done.stdout + done.stderr  # the code ran from scripts/
     written = nib.load(tmp_path / "predictions" / "case_seg.nii.gz")
     assert written.shape == (40, 36, 20)
     np.testing.assert_allclose(written.affine, affine, atol=1e-4)

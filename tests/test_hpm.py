@@ -13,8 +13,15 @@ from anatomask_components.checkpointing import atomic_save
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.losses import loss_prediction_loss, patch_scores
 from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked, random_patch_mask
-from anatomask_components.networks import AnatoMaskPretrainModel, MAEPretrainModel
+from anatomask_components.networks import (
+    AnatoMaskPretrainModel,
+    MAEPretrainModel,
+    PretrainingNetwork,
+    STUNet,
+    fine_tuning_contract,
+)
 from anatomask_components.networks.decoders import PatchLossHead
+from anatomask_components.networks.vit import vit_filter_fn, vit_key_map
 from anatomask_components.patches import patchify, unpatchify
 from anatomask_components.teacher import EMATeacher
 from anatomask_components.weights import VIT_INPUT_CONV_KEYS, transfer_weights
@@ -339,3 +346,24 @@ def test_vit_patch_embedding_is_adapted_to_two_input_channels():
     # a UNETR state dict (e.g. a fine-tuned model.pt) loads one to one
     again = transfer_weights(tiny_unetr(in_channels=2), unetr.state_dict(), require_all=True)
     assert again.num_transferred == len(unetr.state_dict()) and again.unused == []
+
+
+def test_both_pretraining_networks_declare_the_protocol():
+    """The iteration, teacher, exporter and inference use only what PretrainingNetwork declares."""
+    for model in (AnatoMaskPretrainModel(**TINY_STUNET, loss_predictor="head"), tiny_vit()):
+        assert isinstance(model, PretrainingNetwork), type(model).__name__
+        grid = [32 // p for p in model.patch_size]
+        assert model.num_patches((32, 32, 32)) == grid[0] * grid[1] * grid[2]
+    assert not isinstance(STUNet(1, 2, size="tiny"), PretrainingNetwork)
+
+
+def test_unetr_contract_is_registered_beside_the_vit():
+    contract = fine_tuning_contract(tiny_unetr())
+    assert contract.input_conv_keys == VIT_INPUT_CONV_KEYS
+    encoder = tiny_vit().encoder_state_dict()
+    assert contract.key_map(list(encoder)) == vit_key_map(list(encoder))
+    # timm-style filter: the pretraining encoder under UNETR keys, loadable into its ViT
+    filtered = vit_filter_fn(encoder)
+    assert set(filtered) == set(vit_key_map(list(encoder)))
+    assert contract.filter_state_dict(encoder).keys() == filtered.keys()
+    tiny_unetr().load_state_dict(filtered, strict=False)

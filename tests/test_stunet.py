@@ -88,7 +88,7 @@ def test_preset_parameter_count(size):
 def test_print_presets_reports_the_counts(capsys):
     counts = print_presets(1, 105)
     out = capsys.readouterr().out
-    assert set(counts) == set(PAPER_PARAMS_M)
+    assert set(counts) == {*PAPER_PARAMS_M, "tiny"}
     for name, millions in PAPER_PARAMS_M.items():
         assert counts[name] / 1e6 == pytest.approx(millions, abs=0.005)
         assert f"{millions:.2f}M" in out

@@ -78,7 +78,7 @@ def test_ckpt_export(bundle, tmp_path):
     assert (
         metadata["version"] == json.loads((BUNDLES / bundle / "configs/metadata.json").read_text())["version"]
     )
-    assert json.loads(extra["small_override.json"])["stunet_dims"] == [8, 16, 32, 64, 64]
+    assert json.loads(extra["small_override.json"])["stunet_size"] == "tiny"
     x = torch.randn(1, in_channels, *SHAPE)
     network.eval()
     with torch.no_grad():

@@ -12,7 +12,8 @@ import torch
 
 from anatomask_components.checkpointing import atomic_save
 from anatomask_components.handlers import PretrainedWeightsLoader
-from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
+from anatomask_components.networks import AnatoMaskPretrainModel, STUNet, fine_tuning_contract
+from anatomask_components.networks.stunet import stunet_filter_fn, stunet_key_map, stunet_preset
 from anatomask_components.teacher import EMATeacher
 from anatomask_components.weights import (
     STUNET_INPUT_CONV_KEYS,
@@ -21,7 +22,7 @@ from anatomask_components.weights import (
     transfer_weights,
 )
 
-TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
+TINY = stunet_preset("tiny")  # depths [1] * 5, widths 8-64, strides [2,2,2] x 3 + [1,1,1]
 STUNET_B_TENSORS = 130  # 6 context stages x 10, 5 upsamplings x 2, 5 localization stages x 10, 5 heads x 2
 SEG_HEAD_KEYS = {f"seg_outputs.{u}.{p}" for u in range(5) for p in ("weight", "bias")}
 
@@ -370,3 +371,19 @@ def test_a_checkpoint_of_another_network_warns_with_every_tensor_left_random(tmp
         warnings.simplefilter("error")
         report = transfer_weights(STUNet(1, 14, **TINY), encoder, strict_shapes=True)
     assert report.missing and not report.shape_mismatch
+
+
+def test_stunet_declares_its_fine_tuning_contract():
+    """transfer_weights asks the network: STU-Net's input convolutions and key map sit on its class."""
+    network = STUNet(1, 3, **TINY)
+    contract = fine_tuning_contract(network)
+    assert contract.input_conv_keys == STUNET_INPUT_CONV_KEYS == STUNet.input_conv_keys
+    student = AnatoMaskPretrainModel(1, **TINY).state_dict()
+    assert contract.key_map(list(student)) == stunet_key_map(list(student))
+    # timm-style filter: the sparse encoder's tensors under STU-Net keys, loadable into the network
+    filtered = STUNet.pretrained_filter_fn(student)
+    assert filtered.keys() == stunet_filter_fn(student).keys() == contract.filter_state_dict(student).keys()
+    assert all(key.startswith("conv_blocks_context.") for key in filtered)
+    network.load_state_dict(filtered, strict=False)
+    # any other network is taken for a STU-Net, as before
+    assert fine_tuning_contract(torch.nn.Linear(2, 2)).input_conv_keys == STUNET_INPUT_CONV_KEYS

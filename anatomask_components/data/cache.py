@@ -25,12 +25,13 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from anatomask_components.files import atomic_write
 
 CACHE_ENV = "ANATOMASK_PREPROCESSED_CACHE"
 DATASETS_FOLDER = "datasets"
@@ -53,18 +54,6 @@ def default_cache_dir() -> Path:
     else:
         base = Path.home() / ".cache" / "anatomask"
     return base / "preprocessed"
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class CacheFullError(OSError):

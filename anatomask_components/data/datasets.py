@@ -46,9 +46,10 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 import anatomask_components
-from anatomask_components.data.cache import atomic_write, cache_full_error, dataset_name, hold, record_dataset
+from anatomask_components.data.cache import cache_full_error, dataset_name, hold, record_dataset
 from anatomask_components.data.readers import is_resource_error
 from anatomask_components.data.validation import InvalidScanError, find_invalid_scan_error
+from anatomask_components.files import atomic_write
 
 # Bump when the cached content changes without any transform parameter changing.
 # 2: {"data": item with compact tensors, "dtypes": {key: original dtype}}.

@@ -24,7 +24,6 @@ import ssl
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
@@ -42,6 +41,7 @@ from anatomask_components.data.labels import (
     label_names,
     remap_labels,
 )
+from anatomask_components.files import atomic_path
 
 PACKAGE = "totalsegmentator"
 VERSION = "2.18.0"
@@ -266,10 +266,7 @@ def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
         archive.unlink()
     cache.mkdir(parents=True, exist_ok=True)
     print(f"[fetch-examples] downloading {ARCHIVE_NAME} (38 MB) from the package index ...", flush=True)
-    handle, name = tempfile.mkstemp(dir=cache, prefix=f".{ARCHIVE_NAME}.", suffix=".part")
-    os.close(handle)
-    partial = Path(name)
-    try:
+    with atomic_path(archive, suffix=".part") as partial:
         try:
             index_sha256 = download_archive(partial)
         except OSError as error:  # urllib's URLError and socket timeouts included
@@ -278,9 +275,6 @@ def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
                 f"reachable for the first fetch; later fetches reuse {archive} offline"
             ) from error
         verify_archive(partial, index_sha256)
-        os.replace(partial, archive)
-    finally:
-        partial.unlink(missing_ok=True)
     print(f"[fetch-examples] verified sha256 and cached {archive}", flush=True)
     return archive
 

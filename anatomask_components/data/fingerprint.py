@@ -171,7 +171,7 @@ def write_fingerprint(model_path: str | os.PathLike, fingerprint: Mapping[str, A
 
 
 def _write_json_atomic(path: Path, content: Any) -> None:
-    from anatomask_components.evaluation import atomic_write_text  # it creates the folder
+    from anatomask_components.files import atomic_write_text  # it creates the folder
 
     atomic_write_text(path, json.dumps(content, indent=4) + "\n")
 

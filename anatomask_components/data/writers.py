@@ -1,18 +1,24 @@
 """Write volumes with a voxel-to-RAS affine as NIfTI, NRRD, MHA/MHD or a DICOM series.
 
 Used by the phantoms, the example fetcher and the tests; the inverse of
-:mod:`anatomask_components.data.readers`.
+:mod:`anatomask_components.data.readers`. Also the predictions' side: :func:`write_label_map` (atomic NIfTI
+label maps) and :func:`align_to_reference` (a prediction and its reference label on one voxel grid).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from anatomask_components.data.readers import ITK_SUFFIXES, LPS_TO_RAS, NIFTI_SUFFIXES, image_suffix
+from anatomask_components.data.validation import GRID_TOLERANCE_MM, source_name
+from anatomask_components.files import atomic_path
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
 
 # CT Image Storage
 _CT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.2"
@@ -51,6 +57,31 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray)
     else:
         raise ValueError(f"{path}: unsupported output format (use one of {NIFTI_SUFFIXES + ITK_SUFFIXES})")
     return path
+
+
+def write_volume_atomic(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """:func:`write_volume` through a temporary file in the same folder, so no half-written file is left."""
+    path = Path(path)
+    with atomic_path(path, suffix=image_suffix(path)) as temporary:
+        write_volume(temporary, array, affine)
+    return path
+
+
+def write_label_map(path: str | os.PathLike, label_map: MetaTensor) -> Path:
+    """Write a (1, H, W, D) label map with its affine as NIfTI (uint8; uint16 beyond 255), atomically.
+
+    Args:
+        path: the ``.nii.gz`` file.
+        label_map: integer-valued label map; its ``affine`` is the voxel-to-RAS affine to store.
+
+    Returns:
+        the written path.
+    """
+    labels = np.asarray(label_map.detach().cpu())[0].round()
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    return write_volume_atomic(
+        Path(path), labels.astype(dtype), np.asarray(label_map.affine, dtype=np.float64)
+    )
 
 
 def ras_affine_to_itk_geometry(affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
@@ -150,3 +181,48 @@ def write_dicom_series(
         writer.Execute(slice_image)
         files.append(path)
     return files
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient a (H, W, D) array to the axis order closest to RAS (exact: permutes and flips only)."""
+    import nibabel as nib
+
+    orientation = nib.orientations.io_orientation(affine)
+    reoriented = nib.orientations.apply_orientation(array, orientation)
+    return reoriented, affine @ nib.orientations.inv_ornt_aff(orientation, array.shape)
+
+
+def align_to_reference(
+    prediction: MetaTensor, reference: MetaTensor, case: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bring a prediction and a reference label map onto one voxel grid, exactly.
+
+    The prediction is in its input image's geometry; the reference label file may store the same voxels
+    with axes permuted or flipped (e.g. a NIfTI label of a DICOM series). If the two grids differ, both
+    are reoriented to RAS, which makes equal grids identical.
+
+    Args:
+        prediction: (1, H, W, D) label map with its affine.
+        reference: (1, H', W', D') label map with its affine.
+        case: named in errors.
+
+    Returns:
+        prediction (H, W, D), reference (H, W, D), and their common affine.
+
+    Raises:
+        ValueError: the two describe different grids (other spacing, extent or position).
+    """
+    pred = np.asarray(prediction.detach().cpu())[0]
+    ref = np.asarray(reference.detach().cpu())[0]
+    pred_affine = np.asarray(prediction.affine, dtype=np.float64)
+    ref_affine = np.asarray(reference.affine, dtype=np.float64)
+    if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=GRID_TOLERANCE_MM):
+        pred, pred_affine = _canonical(pred, pred_affine)
+        ref, ref_affine = _canonical(ref, ref_affine)
+        if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=GRID_TOLERANCE_MM):
+            raise ValueError(
+                f"{case}: the prediction (shape {pred.shape}) and the reference label "
+                f"{source_name(reference)} (shape {ref.shape}) are on different voxel grids; the label must "
+                "share the image's grid"
+            )
+    return pred, ref, ref_affine

@@ -6,11 +6,13 @@ series, and a report with pictures. Every training, evaluation and inference ste
 of this repository with ``python -m monai.bundle run`` and a demo override config, so each run leaves a
 bundle folder that works on its own.
 
-- :mod:`~anatomask_components.demo.pipeline`: the settings, the stages and the bundle runs;
+- :mod:`~anatomask_components.demo.settings`: the settings the stages and the report share;
+- :mod:`~anatomask_components.demo.pipeline`: the stages and the bundle runs;
 - :mod:`~anatomask_components.demo.analysis`: what the teacher finds hard (top-k statistics, figure data);
 - :mod:`~anatomask_components.demo.report`: the figures and ``report.html`` / ``report.md``.
 """
 
-from anatomask_components.demo.pipeline import DemoSettings, run_demo
+from anatomask_components.demo.pipeline import run_demo
+from anatomask_components.demo.settings import DemoSettings
 
 __all__ = ["DemoSettings", "run_demo"]

@@ -238,7 +238,7 @@ def analyse_pretraining(
 
     Args:
         output: the demo's output folder (holding ``pretrain_spark`` and ``pretrain_anatomask``).
-        settings: :class:`~anatomask_components.demo.pipeline.DemoSettings` (or its dict).
+        settings: :class:`~anatomask_components.demo.settings.DemoSettings` (or its dict).
         datalist: the FLARE22 datalist of the examples (case A in ``training``, C in ``test``).
 
     Returns:

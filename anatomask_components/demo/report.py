@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from anatomask_components.demo.pipeline import DemoSettings, _clock
+from anatomask_components.demo.settings import DemoSettings, clock
 
 __all__ = ["FIGURES", "organs_of_test_case", "write_report"]
 
@@ -487,15 +487,15 @@ def _tables(
         stage_rows.append(
             [
                 stage["name"],
-                _clock(stage["wall_s"]),
+                clock(stage["wall_s"]),
                 f"{step:.2f}" if step is not None else "",
                 f"{stage['peak_rss_mb']:.0f}",
                 _peak_gpu(stage),
             ]
         )
-    stage_rows.append(["analysis (in the demo process)", _clock(results["analysis"]["seconds"]), "", "", ""])
+    stage_rows.append(["analysis (in the demo process)", clock(results["analysis"]["seconds"]), "", "", ""])
     if "curves" in results:
-        stage_rows.append(["curve (in the demo process)", _clock(results["curves"]["seconds"]), "", "", ""])
+        stage_rows.append(["curve (in the demo process)", clock(results["curves"]["seconds"]), "", "", ""])
     transfer_rows = []
     for init in INIT_LABELS:
         path = Path(_stage(results, f"finetune_{init}")["outputs"]["weight_transfer"])
@@ -744,7 +744,7 @@ def write_report(output: str | Path, results: dict[str, Any]) -> Path:
             [
                 (
                     "p",
-                    f"The {mode} demo, seed {results['seed']}, {_clock(total)} (m:s) before this report, on "
+                    f"The {mode} demo, seed {results['seed']}, {clock(total)} (m:s) before this report, on "
                     f"{results['environment']['device']}. Every stage below is a copy of a bundle of this repository "
                     "run with `python -m monai.bundle run` and the override `configs/demo_override.json`; each folder "
                     "runs again on its own, e.g.:",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 
+from anatomask_components.networks.contract import PretrainingNetwork
 from anatomask_components.networks.decoders import LightDecoder, PatchLossHead, SimpleDecoder
 from anatomask_components.networks.sparse import (
     Backend,
@@ -26,6 +27,8 @@ ENCODER_PREFIX = "sparse_encoder.sp_cnn."
 
 class AnatoMaskPretrainModel(nn.Module):
     """Sparse STU-Net encoder with SparK's densify step and a reconstruction decoder.
+
+    A :class:`~anatomask_components.networks.contract.PretrainingNetwork`.
 
     Args:
         in_channels: input channels (1 for CT).
@@ -222,3 +225,7 @@ class AnatoMaskPretrainModel(nn.Module):
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The pretrained encoder under official STU-Net keys (``conv_blocks_context.*``)."""
         return {k: v.detach().clone() for k, v in self.sparse_encoder.sp_cnn.state_dict().items()}
+
+
+if TYPE_CHECKING:  # the declaration of conformance, checked by type checkers (and by tests at run time)
+    _conforms: type[PretrainingNetwork] = AnatoMaskPretrainModel

@@ -13,17 +13,93 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["STUNET_PRESETS", "BasicResBlock", "STUNet", "UpsampleNearest", "print_presets"]
+from anatomask_components.networks.contract import strip_wrapper_prefixes
 
-# size -> (blocks per stage, widths per stage); docs/method.md §3.2.
+__all__ = [
+    "STUNET_INPUT_CONV_KEYS",
+    "STUNET_PRESETS",
+    "STUNET_PRESET_STRIDES",
+    "BasicResBlock",
+    "STUNet",
+    "UpsampleNearest",
+    "print_presets",
+    "stunet_filter_fn",
+    "stunet_key_map",
+    "stunet_preset",
+]
+
+# size -> (blocks per stage, widths per stage); docs/method.md §3.2. "tiny" is no paper preset: the
+# 5-stage network of the tests, benchmarks and the bundles' small_override.json (smoke runs on a CPU).
 STUNET_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "S": ((1,) * 6, (16, 32, 64, 128, 256, 256)),
     "B": ((1,) * 6, (32, 64, 128, 256, 512, 512)),
     "L": ((2,) * 6, (64, 128, 256, 512, 1024, 1024)),
     "H": ((3,) * 6, (96, 192, 384, 768, 1536, 1536)),
+    "tiny": ((1,) * 5, (8, 16, 32, 64, 64)),
 }
 # TotalSegmentator plan: stage 0 keeps the resolution, stages 1-4 halve it, the bottleneck keeps it.
 DEFAULT_STRIDES: tuple[tuple[int, int, int], ...] = ((2, 2, 2),) * 4 + ((1, 1, 1),)
+# Presets whose strides are not the first ones of DEFAULT_STRIDES: tiny halves three times, then keeps.
+STUNET_PRESET_STRIDES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "tiny": ((2, 2, 2),) * 3 + ((1, 1, 1),),
+}
+
+# The two convolutions of a STU-Net that read the input image: the first 3x3x3 convolution of stage 0
+# and the 1x1 shortcut projection of the same block.
+STUNET_INPUT_CONV_KEYS: tuple[str, ...] = (
+    "conv_blocks_context.0.0.conv1.weight",
+    "conv_blocks_context.0.0.conv3.weight",
+)
+# The sparse pretraining encoder keeps the STU-Net modules under this name (reference and this project).
+_SPARSE_ENCODER_MARKER = "sp_cnn."
+
+
+def stunet_key_map(keys: Sequence[str]) -> dict[str, str]:
+    """Map the keys of a file to STU-Net keys.
+
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are dropped. If any key belongs to a sparse pretraining
+    encoder (contains ``sp_cnn.``), only those keys are used, with everything up to ``sp_cnn.`` removed
+    (what the reference fine-tuning loader does); the other keys are not mapped.
+
+    Args:
+        keys: the file's keys.
+
+    Returns:
+        ``{STU-Net key: file key}``.
+
+    Raises:
+        ValueError: two file keys map to the same STU-Net key.
+    """
+    sparse = any(_SPARSE_ENCODER_MARKER in k for k in keys)
+    mapping: dict[str, str] = {}
+    for key in keys:
+        if sparse:
+            if _SPARSE_ENCODER_MARKER not in key:
+                continue
+            name = key.split(_SPARSE_ENCODER_MARKER, 1)[1]
+        else:
+            name = strip_wrapper_prefixes(key)
+        if name in mapping:
+            raise ValueError(f"file keys {mapping[name]!r} and {key!r} both map to {name!r}")
+        mapping[name] = key
+    return mapping
+
+
+def stunet_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict under STU-Net keys (:func:`stunet_key_map`; timm's filter function)."""
+    return {name: state_dict[key] for name, key in stunet_key_map(list(state_dict)).items()}
+
+
+def stunet_preset(size: str) -> dict[str, list]:
+    """A preset as :class:`STUNet` keyword arguments: ``{"depths", "dims", "strides"}`` (lists).
+
+    ``STUNet(c_in, c_out, **stunet_preset(size))`` is ``STUNet(c_in, c_out, size=size)``.
+    """
+    if size not in STUNET_PRESETS:
+        raise ValueError(f"unknown STU-Net size {size!r}; choose one of {sorted(STUNET_PRESETS)}.")
+    depths, dims = STUNET_PRESETS[size]
+    strides = STUNET_PRESET_STRIDES.get(size, DEFAULT_STRIDES[: len(dims) - 1])
+    return {"depths": list(depths), "dims": list(dims), "strides": [list(s) for s in strides]}
 
 
 class BasicResBlock(nn.Module):
@@ -95,7 +171,9 @@ class STUNet(nn.Module):
     Args:
         in_channels: input channels (1 for CT, 2 for PET/CT).
         out_channels: number of classes including background.
-        size: preset name, one of ``S``, ``B``, ``L``, ``H``; ignored where ``depths`` and ``dims`` are given.
+        size: preset name, one of ``S``, ``B``, ``L``, ``H`` (the paper's) or ``tiny`` (5 stages, widths
+            8..64, strides ``[2,2,2] x 3 + [1,1,1]``: smoke tests); ignored where ``depths`` and ``dims``
+            are given.
         depths: residual blocks per stage (6 entries for the presets; any length >= 2).
         dims: widths per stage, same length as ``depths``.
         strides: strides of stages 1..n-1 (one fewer than stages), each an int or a 3-tuple.
@@ -111,6 +189,12 @@ class STUNet(nn.Module):
     """
 
     __jit_unused_properties__ = ["total_stride"]
+
+    # Fine-tuning contract (networks.contract.fine_tuning_contract; weights.transfer_weights asks for it):
+    # the convolutions that read the input image, and the map from a checkpoint's keys to this network's.
+    input_conv_keys = STUNET_INPUT_CONV_KEYS
+    pretrained_key_map = staticmethod(stunet_key_map)
+    pretrained_filter_fn = staticmethod(stunet_filter_fn)
 
     def __init__(
         self,
@@ -129,6 +213,8 @@ class STUNet(nn.Module):
             if size not in STUNET_PRESETS:
                 raise ValueError(f"unknown STU-Net size {size!r}; choose one of {sorted(STUNET_PRESETS)}.")
             depths, dims = STUNET_PRESETS[size]
+            if strides is None:
+                strides = STUNET_PRESET_STRIDES.get(size)
         if len(depths) != len(dims) or len(depths) < 2:
             raise ValueError(f"`depths` and `dims` need the same length >= 2, got {depths} and {dims}.")
         num_pool = len(dims) - 1

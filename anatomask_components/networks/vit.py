@@ -13,17 +13,86 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.layers import trunc_normal_
-from monai.networks.nets import MaskedAutoEncoderViT
+from monai.networks.nets import MaskedAutoEncoderViT, ViT
 
+from anatomask_components.networks.contract import (
+    FineTuningContract,
+    PretrainingNetwork,
+    register_fine_tuning_contract,
+    strip_wrapper_prefixes,
+)
 from anatomask_components.patches import patch_grid, unpatchify
 
-__all__ = ["MAEPretrainModel", "TransformerLossDecoder"]
+__all__ = [
+    "VIT_INPUT_CONV_KEYS",
+    "MAEPretrainModel",
+    "TransformerLossDecoder",
+    "holds_monai_vit",
+    "vit_filter_fn",
+    "vit_key_map",
+]
+
+# The patch embedding of a UNETR's ViT reads the input image (a convolution with proj_type="conv").
+VIT_INPUT_CONV_KEYS: tuple[str, ...] = ("vit.patch_embedding.patch_embeddings.weight",)
+
+
+def holds_monai_vit(network: nn.Module) -> bool:
+    """Whether ``network`` holds a MONAI ``ViT`` as ``vit`` (MONAI's ``UNETR``): the fine-tuning network
+    that takes the encoder of :class:`MAEPretrainModel`."""
+    return isinstance(getattr(network, "vit", None), ViT)
+
+
+def vit_key_map(keys: Sequence[str]) -> dict[str, str]:
+    """Map the keys of a file to the keys of a network holding a MONAI ``ViT`` under ``vit.`` (UNETR).
+
+    Wrapper prefixes are dropped. A file whose keys already start with ``vit.`` (a UNETR) maps one to one.
+    Otherwise the file is a ViT or a ViT masked autoencoder: ``patch_embedding.*``, ``blocks.{i}.*`` and
+    ``norm.*`` map to ``vit.<key>``; MONAI's ``MaskedAutoEncoderViT`` keeps its final LayerNorm as the last
+    entry of ``blocks`` (``blocks.{n}.weight`` / ``.bias``, no sub-module), which maps to ``vit.norm.*``.
+    Other keys (class token, decoders, loss predictor) are not mapped.
+
+    Args:
+        keys: the file's keys.
+
+    Returns:
+        ``{network key: file key}``.
+
+    Raises:
+        ValueError: two file keys map to the same network key.
+    """
+    names = {key: strip_wrapper_prefixes(key) for key in keys}
+    unetr = any(name.startswith("vit.") for name in names.values())
+    mapping: dict[str, str] = {}
+    for key, name in names.items():
+        if unetr:
+            target = name
+        elif name.startswith(("patch_embedding.", "norm.")):
+            target = "vit." + name
+        elif name.startswith("blocks."):
+            parts = name.split(".")
+            # "blocks.12.weight": a LayerNorm placed in the block list (MAE), not a transformer block
+            target = "vit.norm." + parts[2] if len(parts) == 3 else "vit." + name
+        else:
+            continue
+        if target in mapping:
+            raise ValueError(f"file keys {mapping[target]!r} and {key!r} both map to {target!r}")
+        mapping[target] = key
+    return mapping
+
+
+def vit_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict under the keys of a UNETR (:func:`vit_key_map`; timm's filter function)."""
+    return {name: state_dict[key] for name, key in vit_key_map(list(state_dict)).items()}
+
+
+# MONAI's UNETR is not ours to annotate: its contract is registered (weights.transfer_weights asks for it).
+register_fine_tuning_contract(holds_monai_vit, FineTuningContract(VIT_INPUT_CONV_KEYS, vit_key_map))
 
 
 class TransformerLossDecoder(nn.Module):
@@ -92,6 +161,8 @@ def _decode_tokens(
 
 class MAEPretrainModel(MaskedAutoEncoderViT):
     """MONAI's ViT masked autoencoder with an external mask and an optional HPM loss predictor.
+
+    A :class:`~anatomask_components.networks.contract.PretrainingNetwork`.
 
     The encoder sees only the visible patches (plus the class token); the decoder fills the masked places
     with the mask token and predicts every patch's voxels. Defaults: a ViT-B encoder as in MONAI's
@@ -262,3 +333,7 @@ class MAEPretrainModel(MaskedAutoEncoderViT):
             elif key.startswith(("patch_embedding.", "blocks.")):
                 state[key] = value.detach().clone()
         return state
+
+
+if TYPE_CHECKING:  # the declaration of conformance, checked by type checkers (and by tests at run time)
+    _conforms: type[PretrainingNetwork] = MAEPretrainModel

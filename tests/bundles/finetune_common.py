@@ -19,11 +19,12 @@ from anatomask_components.checkpointing import atomic_save
 from anatomask_components.data.readers import read_volume
 from anatomask_components.handlers import PretrainedWeightsLoader
 from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
+from anatomask_components.networks.stunet import stunet_preset
 from anatomask_components.weights import STUNET_INPUT_CONV_KEYS
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 # The small-model override's network: the pretraining bundle's small network, so its encoder export fits.
-TINY = {"depths": [1] * 5, "dims": [8, 16, 32, 64, 64], "strides": [[2, 2, 2]] * 3 + [[1, 1, 1]]}
+TINY = stunet_preset("tiny")  # depths [1] * 5, widths 8-64, strides [2,2,2] x 3 + [1,1,1]
 TINY_TENSORS = 106  # 5 context stages x 10, 4 upsamplings x 2, 4 localization stages x 10, 4 heads x 2
 CSV_HEADER = ["case", "label", "name", "dsc", "nsd", "tolerance_mm", "reference_voxels", "predicted_voxels"]
 

@@ -15,7 +15,7 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 from anatomask_components.data.fingerprint import write_fingerprint
 from anatomask_components.data.phantoms import make_affine, make_phantom, phantom_fingerprint
 from anatomask_components.data.writers import write_volume
-from anatomask_components.handlers import sliding_window_count
+from anatomask_components.inference import sliding_window_count
 from anatomask_components.networks import STUNet
 
 BUNDLE = "anatomask_finetune_flare22"
@@ -63,7 +63,7 @@ def _run(tmp_path: Path, progress: bool) -> tuple[list[str], dict, Path]:
     torch.save(STUNet(1, NUM_CLASSES, **TINY).state_dict(), model)
     write_fingerprint(model, phantom_fingerprint())
     records = _Records()
-    logger = logging.getLogger("anatomask_components.handlers")
+    logger = logging.getLogger("anatomask_components.inference")
     logger.addHandler(records)  # the bundle's logging.conf replaces the root handlers (pytest's caplog too)
     try:
         predictions = infer(BUNDLE, tmp_path / "infer", scans, model, progress=progress)

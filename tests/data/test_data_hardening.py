@@ -271,7 +271,7 @@ def test_stray_dicom_file_among_nifti_files_does_not_hide_them(tmp_path, volume)
 
 
 def test_stray_dicom_file_in_inference_items_and_datalists(tmp_path, volume):
-    from anatomask_components.evaluation import inference_items
+    from anatomask_components.data.datalists import inference_items
 
     folder = tmp_path / "scans"
     write_volume(folder / "a.nii.gz", np.zeros((8, 8, 6), np.float32), np.eye(4))

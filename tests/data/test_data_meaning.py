@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from anatomask_components.data.checks import check_datalist, load_datalist
-from anatomask_components.data.datalists import folder_datalist, load_datalist_section
+from anatomask_components.data.datalists import datalist_section, folder_datalist, load_datalist_section
 from anatomask_components.data.datasets import CachedScanDataset
 from anatomask_components.data.phantoms import make_affine, make_phantom
 from anatomask_components.data.preprocessing import (
@@ -27,7 +27,6 @@ from anatomask_components.data.preprocessing import (
 )
 from anatomask_components.data.validation import canonical_modality
 from anatomask_components.data.writers import write_dicom_series, write_volume
-from anatomask_components.evaluation import datalist_section
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
