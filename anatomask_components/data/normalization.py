@@ -35,7 +35,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
-from anatomask_components.data.validation import source_name
+from anatomask_components.data.validation import canonical_modality, source_name
 
 MODALITIES = ("CT", "MR", "PET")
 SCHEMES = ("zscore", "ct", "suv", "none")
@@ -43,9 +43,9 @@ _STATS_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 
 
 def normalise_modality(name: str) -> str:
-    """Upper-case a modality name and check it is CT, MR or PET (``MRI`` is accepted as MR)."""
-    upper = str(name).upper()
-    upper = "MR" if upper == "MRI" else upper
+    """Upper-case a modality name and check it is CT, MR or PET (``MRI`` is accepted as MR, DICOM's ``PT``
+    as PET: :func:`~anatomask_components.data.validation.canonical_modality`)."""
+    upper = canonical_modality(name)
     if upper not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {name!r}")
     return upper

@@ -156,6 +156,12 @@ def test_zscore_ct_scheme_suv_and_per_case_modality(tmp_path):
         channel_modalities=("CT", "PET"),
     )
     np.testing.assert_array_equal(by_argument({"image": [str(ct_path), str(suv_path)]})["image"].numpy(), out)
+    # DICOM's spelling of PET in a datalist, and "MRI", normalise as their modality
+    dicom_spelling = petct({"image": [str(ct_path), str(suv_path)], "modality": ["ct", "PT"]})["image"]
+    np.testing.assert_array_equal(dicom_spelling.numpy(), out)
+    np.testing.assert_allclose(
+        ct_scheme({"image": str(ct_path), "modality": "MRI"})["image"][0].numpy(), zscore, atol=1e-6
+    )
 
 
 def test_ct_scheme_without_fingerprint_is_refused_naming_the_scan(tmp_path, make_phantom_files):
