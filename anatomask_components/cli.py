@@ -388,22 +388,6 @@ COMMANDS = {
 }
 
 
-def _unwrap(error: BaseException) -> BaseException:
-    """The error behind MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
-    from anatomask_components.data.validation import find_invalid_scan_error
-
-    invalid = find_invalid_scan_error(error)
-    if invalid is not None:
-        return invalid
-    while (
-        isinstance(error, RuntimeError)
-        and str(error).startswith("applying transform")
-        and error.__cause__ is not None
-    ):
-        error = error.__cause__
-    return error
-
-
 def error_message(error: BaseException) -> str:
     """One line describing an expected error."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
@@ -423,7 +407,9 @@ def reporting_errors(name: str, command: Callable[..., Any]) -> Callable[..., An
         try:
             return command(*args, **kwargs)
         except Exception as error:
-            cause = _unwrap(error)
+            from anatomask_components.data.validation import transform_error_cause
+
+            cause = transform_error_cause(error)
             debug = os.environ.get("ANATOMASK_DEBUG", "") not in ("", "0")
             if debug or not isinstance(cause, EXPECTED_ERRORS):
                 raise

@@ -44,7 +44,7 @@ from anatomask_components.data.fingerprint import model_fingerprint, needs_finge
 from anatomask_components.data.normalization import NormalizeByModalityd
 from anatomask_components.data.preprocessing import inference_transforms
 from anatomask_components.data.readers import is_resource_error
-from anatomask_components.data.validation import InvalidScanError, find_invalid_scan_error
+from anatomask_components.data.validation import InvalidScanError, transform_error_cause
 from anatomask_components.data.writers import write_volume
 from anatomask_components.determinism import sample_seed
 from anatomask_components.inference import masked_patch_errors
@@ -297,16 +297,11 @@ class DifficultyScorer:
             try:
                 data = apply_transform(transform, data)
             except Exception as error:
-                invalid = find_invalid_scan_error(error)
-                if invalid is not None:
-                    raise invalid from error
+                cause = transform_error_cause(error)
+                if isinstance(cause, InvalidScanError):
+                    raise cause from error
                 if is_resource_error(error):
                     raise
-                cause = error
-                while isinstance(cause, RuntimeError) and str(cause).startswith("applying transform"):
-                    cause = cause.__cause__ or cause
-                    if cause is error:
-                        break
                 raise InvalidScanError(
                     path, f"cannot be preprocessed ({type(cause).__name__}: {' '.join(str(cause).split())})"
                 ) from error

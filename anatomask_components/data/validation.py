@@ -72,6 +72,21 @@ def find_invalid_scan_error(error: BaseException) -> InvalidScanError | None:
     return None
 
 
+def transform_error_cause(error: BaseException) -> BaseException:
+    """The error to report for ``error``: the :class:`InvalidScanError` behind it if any, else the error
+    inside MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
+    invalid = find_invalid_scan_error(error)
+    if invalid is not None:
+        return invalid
+    while (
+        isinstance(error, RuntimeError)
+        and str(error).startswith("applying transform")
+        and error.__cause__ is not None
+    ):
+        error = error.__cause__
+    return error
+
+
 def source_name(tensor: Any, fallback: str = "<in-memory image>") -> str:
     """The file name recorded by the reader in a MetaTensor, for error messages."""
     meta = getattr(tensor, "meta", None) or {}

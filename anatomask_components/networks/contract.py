@@ -105,7 +105,12 @@ class FineTuningContract:
 
     def filter_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """A checkpoint's state dict under the network's keys (timm's ``checkpoint_filter_fn``)."""
-        return {name: state_dict[key] for name, key in self.key_map(list(state_dict)).items()}
+        return filter_by_key_map(state_dict, self.key_map)
+
+
+def filter_by_key_map(state_dict: Mapping[str, Any], key_map: KeyMap) -> dict[str, Any]:
+    """``state_dict`` under the network keys that ``key_map`` gives; file keys it leaves out are dropped."""
+    return {name: state_dict[key] for name, key in key_map(list(state_dict)).items()}
 
 
 _REGISTRY: list[tuple[Callable[[nn.Module], bool], FineTuningContract]] = []

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anatomask_components.networks.contract import strip_wrapper_prefixes
+from anatomask_components.networks.contract import filter_by_key_map, strip_wrapper_prefixes
 
 __all__ = [
     "STUNET_INPUT_CONV_KEYS",
@@ -87,7 +87,7 @@ def stunet_key_map(keys: Sequence[str]) -> dict[str, str]:
 
 def stunet_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict under STU-Net keys (:func:`stunet_key_map`; timm's filter function)."""
-    return {name: state_dict[key] for name, key in stunet_key_map(list(state_dict)).items()}
+    return filter_by_key_map(state_dict, stunet_key_map)
 
 
 def stunet_preset(size: str) -> dict[str, list]:

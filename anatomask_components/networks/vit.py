@@ -24,6 +24,7 @@ from monai.networks.nets import MaskedAutoEncoderViT, ViT
 from anatomask_components.networks.contract import (
     FineTuningContract,
     PretrainingNetwork,
+    filter_by_key_map,
     register_fine_tuning_contract,
     strip_wrapper_prefixes,
 )
@@ -88,7 +89,7 @@ def vit_key_map(keys: Sequence[str]) -> dict[str, str]:
 
 def vit_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict under the keys of a UNETR (:func:`vit_key_map`; timm's filter function)."""
-    return {name: state_dict[key] for name, key in vit_key_map(list(state_dict)).items()}
+    return filter_by_key_map(state_dict, vit_key_map)
 
 
 # MONAI's UNETR is not ours to annotate: its contract is registered (weights.transfer_weights asks for it).

@@ -29,11 +29,9 @@ import numpy as np
 import pytest
 from monailabel_common import (
     adapt_for_cpu,
-    example_ct,
     export_archive,
     http,
     log_tail,
-    monailabel_env_python,
     running_server,
     tiny_weights,
     upload,
@@ -127,18 +125,6 @@ def test_errors_name_the_file_and_leave_nothing_behind(pretrain_weights, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------- the real server
-
-
-@pytest.fixture(scope="module")
-def monailabel_python() -> Path:
-    """The MONAI Label environment's interpreter (built on first use, then cached)."""
-    return monailabel_env_python()
-
-
-@pytest.fixture(scope="module")
-def ct(tmp_path_factory) -> dict[str, Path]:
-    """Example case A: CT and its FLARE22 label."""
-    return example_ct(tmp_path_factory.mktemp("examples"))
 
 
 def _studies(ct: dict[str, Path], studies: Path) -> None:

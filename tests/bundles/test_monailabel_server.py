@@ -25,11 +25,9 @@ import numpy as np
 import pytest
 from monailabel_common import (
     adapt_for_cpu,
-    example_ct,
     export_archive,
     http,
     log_tail,
-    monailabel_env_python,
     running_server,
     unpack,
     wait_for_task,
@@ -47,18 +45,6 @@ TRAIN_TIMEOUT_S = 600
 # bundles' small-model override): the sliding window over A at the bundles' 1.5 mm takes about 450 s per
 # request on one shared core, about 10 s at 4 mm.
 FAST = {"spacing": [4.0, 4.0, 4.0], "sw_overlap": 0.25}
-
-
-@pytest.fixture(scope="module")
-def monailabel_python() -> Path:
-    """The MONAI Label environment's interpreter (built on first use, then cached)."""
-    return monailabel_env_python()
-
-
-@pytest.fixture(scope="module")
-def ct(tmp_path_factory) -> dict[str, Path]:
-    """Example case A: CT and its FLARE22 label."""
-    return example_ct(tmp_path_factory.mktemp("examples"))
 
 
 def _stored_lps(source: Path, out: Path) -> Path:
