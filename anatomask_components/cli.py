@@ -245,8 +245,8 @@ def export_bundle(name: str, out: str, weights: str | None = None) -> None:
     code travels inside it as ``scripts/anatomask_components`` (the Zoo's ``scripts/`` convention).
 
     Args:
-        name: anatomask_pretrain, anatomask_finetune_flare22, anatomask_finetune_amos22 or
-            anatomask_finetune_autopet.
+        name: a bundle folder, or the name of a folder of the repository's bundles/ (anatomask_pretrain,
+            anatomask_finetune_flare22, ...).
         out: zip file to write.
         weights: flat state dict of the bundle's network, stored as models/model.pt (default: no weights;
             large_files.yml lists published ones).
@@ -255,6 +255,43 @@ def export_bundle(name: str, out: str, weights: str | None = None) -> None:
 
     archive = export(name, out, weights)
     print(f"[export-bundle] {name} -> {archive} ({archive.stat().st_size} bytes)")
+
+
+def build_bundle(dataset: str, out: str | None = None) -> None:
+    """Build a fine-tuning bundle from the package's template and a dataset folder (spec.json,
+    metadata.json, README_data.md, data_license.txt); see docs/finetune.md, "Adding a dataset".
+
+    Args:
+        dataset: the dataset folder.
+        out: the bundle folder to write, whose name is the bundle's (default: the folder holding DATASET).
+            Its configs/, docs/, LICENSE and large_files.yml are written; nothing else there is touched.
+    """
+    from anatomask_components.bundle_builder import build_bundle as build
+
+    folder = build(dataset, out)
+    print(f"[build-bundle] {dataset} -> {folder}")
+
+
+def build_bundles(check: bool = False) -> None:
+    """Rebuild every fine-tuning bundle of the repository (bundles/*/dataset/) from the package's template.
+
+    Args:
+        check: write nothing; list the files that differ from what the builder writes and exit with code 1
+            if any does.
+    """
+    from anatomask_components.bundle_builder import build_repository_bundles
+
+    differences = build_repository_bundles(check)
+    for name, files in differences.items():
+        state = "up to date" if not files else ("differs" if check else "rebuilt")
+        print(f"[build-bundles] {name}: {state}")
+        for file in files:
+            print(f"  {file}")
+    stale = [name for name, files in differences.items() if files]
+    if check and stale:
+        raise CommandFailed(
+            f"{', '.join(stale)} differ from their dataset folders; run anatomask build-bundles"
+        )
 
 
 def export_monailabel_app(out: str, pretrained: str, finetuned: str | tuple[str, ...] = ()) -> None:
@@ -381,6 +418,8 @@ COMMANDS = {
     "report": report,
     "demo": demo,
     "export-bundle": export_bundle,
+    "build-bundle": build_bundle,
+    "build-bundles": build_bundles,
     "preprocess": preprocess,
     "cache": cache,
     "export-monailabel-app": export_monailabel_app,

@@ -1,8 +1,9 @@
 """Reconstruction difficulty of a scan: how hard a pretrained AnatoMask network finds it to fill in.
 
 The score reuses the teacher's signal of pretraining (docs/method.md §6, §9): the network reconstructs masked
-patches and each masked patch's error against the bundle's teacher target is its difficulty. For a whole
-scan :class:`DifficultyScorer`
+patches and each masked patch's error against the bundle's teacher target is its difficulty (the training
+teacher's score, :func:`~anatomask_components.strategies.masked_patch_errors`). For a whole scan
+:class:`DifficultyScorer`
 
 1. preprocesses it exactly as the bundle's ``inference.json`` does (load, checks, RAS, the bundle's spacing,
    its normalisation with the fingerprint stored beside ``models/model.pt``);
@@ -47,9 +48,9 @@ from anatomask_components.data.readers import is_resource_error
 from anatomask_components.data.validation import InvalidScanError, transform_error_cause
 from anatomask_components.data.writers import write_volume
 from anatomask_components.determinism import sample_seed
-from anatomask_components.inference import masked_patch_errors
 from anatomask_components.masking import num_masked
 from anatomask_components.patches import patchify
+from anatomask_components.strategies import masked_patch_errors
 from anatomask_components.weights import extract_state_dict, load_checkpoint
 
 __all__ = ["BODY_THRESHOLD_HU", "DifficultyScorer", "ScanDifficulty", "intensity_flags", "window_starts"]

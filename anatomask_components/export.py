@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 import anatomask_components
+from anatomask_components.bundle_builder import bundle_folder
 from anatomask_components.weights import load_checkpoint
 
 __all__ = [
-    "BUNDLE_NAMES",
     "config_package_imports",
     "export_bundle",
     "exported_config",
@@ -47,18 +47,12 @@ __all__ = [
     "rewrite_imports",
 ]
 
-BUNDLE_NAMES = (
-    "anatomask_pretrain",
-    "anatomask_finetune_flare22",
-    "anatomask_finetune_amos22",
-    "anatomask_finetune_autopet",
-)
-REPOSITORY_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 PACKAGE = "anatomask_components"
 DISTRIBUTION = "anatomask-components"
 SCRIPTS = "scripts"
-# The command line, the exporters, the demo and the MONAI Label app's files drive the package from outside.
-EXCLUDED = ("cli.py", "export.py", "demo", "monailabel_app.py", "monailabel_app_files")
+# The command line, the exporters, the bundle builder, the demo and the MONAI Label app's files drive the
+# package from outside.
+EXCLUDED = ("cli.py", "export.py", "bundle_builder.py", "demo", "monailabel_app.py", "monailabel_app_files")
 # What a bundle holds besides models/ (weights come from --weights only, never from a local training run).
 BUNDLE_FILES = ("LICENSE", "large_files.yml")
 BUNDLE_FOLDERS = ("configs", "docs")
@@ -277,7 +271,7 @@ def _zip_info(name: str, compress_type: int) -> zipfile.ZipInfo:
 
 
 def export_bundle(
-    name: str,
+    bundle: str | Path,
     out: str | Path,
     weights: str | Path | None = None,
 ) -> Path:
@@ -291,7 +285,9 @@ def export_bundle(
     Label normalise CT exactly as training did.
 
     Args:
-        name: one of :data:`BUNDLE_NAMES`.
+        bundle: a bundle folder, or the name of one of the repository's bundles
+            (:func:`~anatomask_components.bundle_builder.discover_bundles`); the archive's folder takes the
+            bundle folder's name.
         out: the zip file to write.
         weights: a flat state dict of the bundle's ``network_def``, stored as ``models/model.pt``. Without
             it the archive has no weights; ``large_files.yml`` lists published ones.
@@ -301,18 +297,14 @@ def export_bundle(
         the written archive.
 
     Raises:
-        ValueError: an unknown bundle, weights that are not a flat state dict, or weights without the
-            fingerprint their bundle's normalisation needs.
-        FileNotFoundError: the weights file is missing, or the repository's ``bundles/`` (the package is
-            not installed from a checkout).
+        ValueError: neither a bundle folder nor a discovered bundle name (the repository's bundles are
+            found only where the package is installed from a checkout, ``pip install -e .``), weights
+            that are not a flat state dict, or weights without the fingerprint their bundle's
+            normalisation needs.
+        FileNotFoundError: the weights file is missing.
     """
-    if name not in BUNDLE_NAMES:
-        raise ValueError(f"unknown bundle {name!r}; choose one of {', '.join(BUNDLE_NAMES)}.")
-    bundle_dir = REPOSITORY_BUNDLES / name
-    if not (bundle_dir / "configs" / "metadata.json").is_file():
-        raise FileNotFoundError(
-            f"no bundle at {bundle_dir}: export from a checkout of the repository (pip install -e .)"
-        )
+    bundle_dir = bundle_folder(bundle).resolve()
+    name = bundle_dir.name
     if weights is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"weights file does not exist: {weights}")

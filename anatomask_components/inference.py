@@ -5,7 +5,6 @@
   progress, seconds per case); a case that fails is logged and skipped.
 - :class:`ReconstructionInference`: the pretraining bundle's evaluator step that shows what a pretrained
   network reconstructs (masked input, reconstruction, per-patch scores).
-- :func:`masked_patch_errors`: the teacher's per-patch score, also used by the difficulty analysis.
 """
 
 from __future__ import annotations
@@ -30,14 +29,13 @@ from monai.utils import ensure_tuple_rep, fall_back_tuple
 from anatomask_components.data.validation import find_invalid_scan_error
 from anatomask_components.data.writers import write_volume_atomic
 from anatomask_components.files import atomic_write_text
-from anatomask_components.losses import patch_scores
 from anatomask_components.masking import num_hard, num_masked, random_patch_mask, reconstruction_guided_mask
+from anatomask_components.strategies import masked_patch_errors
 from anatomask_components.teacher import unwrap_model
 
 __all__ = [
     "CaseInference",
     "ReconstructionInference",
-    "masked_patch_errors",
     "sliding_window_count",
 ]
 
@@ -280,36 +278,13 @@ class CaseInference:
             raise RuntimeError(f"all {len(self.failed)} case(s) failed; see {self.report_path}")
 
 
-def masked_patch_errors(
-    network: torch.nn.Module,
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    patch_size: tuple[int, int, int],
-    teacher_target: Literal["raw", "normalized"] = "raw",
-) -> torch.Tensor:
-    """The teacher's score: reconstruction error of each patch that ``network`` had to reconstruct.
-
-    Args:
-        network: a pretraining model called as ``network(x, mask)``.
-        x: ``(B, C, H, W, D)`` input.
-        mask: ``(B, L)`` bool, True = masked.
-        patch_size: the mask unit.
-        teacher_target: ``"raw"`` (reference) or ``"normalized"`` per-patch target
-            (:func:`~anatomask_components.losses.patch_scores`).
-
-    Returns:
-        ``(B, L)`` mean squared error per masked patch; 0 on visible patches.
-    """
-    normalized = teacher_target == "normalized"
-    return patch_scores(network(x, mask), x, patch_size, normalized_target=normalized).masked_fill(~mask, 0.0)
-
-
 class ReconstructionInference:
     """Evaluator step that shows what a pretrained network learned, for ``SupervisedEvaluator``.
 
     For each scan (padded to a multiple of the mask unit) it draws a random mask, lets ``scorer`` rank
-    the masked patches (``hard_ratio`` of them become the hardest, as in training), reconstructs with
-    ``network`` and returns, as MetaTensors on the image's grid:
+    the masked patches with the training teacher's score
+    (:func:`~anatomask_components.strategies.masked_patch_errors`; ``hard_ratio`` of them become the
+    hardest, as in training), reconstructs with ``network`` and returns, as MetaTensors on the image's grid:
     ``masked`` (the network's input), ``reconstruction`` (de-normalised with each patch's own mean and
     standard deviation, visible patches pasted from the input) and ``scores`` (the per-patch score,
     constant within a patch; 0 on patches the scorer did not see).

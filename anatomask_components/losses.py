@@ -1,5 +1,6 @@
-"""Masked reconstruction loss, the teacher's per-patch scores (docs/method.md §6.2 and §9) and the loss of
-the HPM loss predictor (docs/method.md §12.2)."""
+"""Masked reconstruction loss, the teacher's per-patch scores (docs/method.md §6.2 and §9), the loss of
+the HPM loss predictor (docs/method.md §12.2), and the fine-tuning loss for partially labelled scans
+(:class:`PartialLabelDiceCELoss`, docs/finetune.md)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from anatomask_components.data.partial_labels import MAX_LABEL_SETS, UNLABELLED_BASE
 from anatomask_components.patches import patchify
 
 __all__ = [
+    "PartialLabelDiceCELoss",
     "loss_prediction_loss",
     "masked_mean",
     "masked_patch_mse",
@@ -145,3 +149,129 @@ def loss_prediction_loss(
         z = (target - mean) / torch.sqrt(var + eps)
         return masked_mean((prediction - z).square(), mask)
     raise ValueError(f"kind must be 'relative' or 'absolute', got {kind!r}.")
+
+
+class PartialLabelDiceCELoss(nn.Module):
+    """Dice + cross-entropy on softmax outputs that leaves out what a partially labelled scan does not
+    annotate: the marginal loss of Shi et al. 2021 ("Marginal loss and exclusion loss for partially
+    supervised multi-organ segmentation").
+
+    Target voxels hold class ids, or ``UNLABELLED_BASE + s`` where the scan annotates only the classes of
+    ``label_sets[s]`` and the voxel is none of them
+    (:class:`~anatomask_components.data.partial_labels.EncodeUnlabelledd`). Such a voxel may be background
+    or any class outside that set, ``M = {0} + (classes not in the set)``:
+
+    - cross-entropy: ``-log p_y`` at a class id ``y``, ``-log sum_{c in M} p_c`` at a code (the
+      probabilities of ``M`` merged into one), mean over all voxels;
+    - Dice (MONAI's ``DiceLoss(to_onehot_y=True, softmax=True)``): class ``c`` takes part, from scan
+      ``b``, only when ``b`` annotates ``c`` (a scan without codes annotates every class and the
+      background; one with codes only the classes of its set); a code voxel is "not c" for the classes
+      ``b`` annotates. With ``batch=True`` the sums run over batch and space per class, and the loss is
+      the mean over the classes with any taking part.
+
+    Without codes in the target this is MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True, ...)`` with
+    the same arguments.
+
+    Args:
+        label_sets: the dataset's table of labelled-class sets
+            (:func:`~anatomask_components.data.partial_labels.partial_label_sets`).
+        include_background: Dice of class 0 too (cross-entropy always covers every class).
+        batch: Dice sums over the batch before the ratio (else one ratio per scan and class).
+        smooth_nr: added to the Dice numerator.
+        smooth_dr: added to the Dice denominator.
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+    """
+
+    def __init__(
+        self,
+        label_sets: Sequence[Sequence[int]] = (),
+        include_background: bool = False,
+        batch: bool = True,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+    ):
+        super().__init__()
+        if len(label_sets) > MAX_LABEL_SETS:
+            raise ValueError(f"at most {MAX_LABEL_SETS} label sets, got {len(label_sets)}")
+        classes = [sorted({int(c) for c in s}) for s in label_sets]
+        if any(not s or s[0] < 1 or s[-1] >= UNLABELLED_BASE for s in classes):
+            raise ValueError(f"label sets hold foreground class ids 1..{UNLABELLED_BASE - 1}, got {classes}")
+        self.label_sets = classes
+        self.include_background = include_background
+        self.batch = batch
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.lambda_dice = float(lambda_dice)
+        self.lambda_ce = float(lambda_ce)
+
+    def _marginal(self, num_classes: int, device: torch.device) -> torch.Tensor:
+        """``(max(S, 1), C)`` bool, True where class ``c`` is in ``M`` of set ``s`` (a lone dummy row for no
+        sets, never read)."""
+        table = torch.ones(max(len(self.label_sets), 1), num_classes, dtype=torch.bool)
+        for row, classes in enumerate(self.label_sets):
+            if classes[-1] >= num_classes:
+                raise ValueError(f"label set {classes} names a class beyond the {num_classes} outputs")
+            table[row, classes] = False
+        return table.to(device)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits.
+            target: ``(B, 1, *spatial)`` class ids and unlabelled codes.
+
+        Returns:
+            scalar: ``lambda_dice * dice + lambda_ce * cross-entropy``.
+        """
+        if target.dim() != input.dim() or target.shape[1] != 1 or target.shape[2:] != input.shape[2:]:
+            raise ValueError(
+                f"target must be (B, 1, *spatial) for input (B, C, *spatial), got {tuple(target.shape)} "
+                f"for {tuple(input.shape)}"
+            )
+        num_classes = input.shape[1]
+        if num_classes > UNLABELLED_BASE:
+            raise ValueError(f"at most {UNLABELLED_BASE} classes (ids below the codes), got {num_classes}")
+        input = input.float()
+        codes = target.as_subclass(torch.Tensor)[:, 0].long()  # a MetaTensor's metadata means nothing here
+        unlabelled = codes >= UNLABELLED_BASE
+        invalid = (codes < 0) | (codes >= UNLABELLED_BASE + len(self.label_sets))
+        invalid |= ~unlabelled & (codes >= num_classes)
+        if bool(invalid.any()):
+            found = sorted(torch.unique(codes[invalid]).tolist())
+            raise ValueError(
+                f"target values {found} are neither class ids below {num_classes} nor codes of the "
+                f"{len(self.label_sets)} label sets ({UNLABELLED_BASE}..)"
+            )
+        marginal = self._marginal(num_classes, input.device)
+        set_index = codes[unlabelled] - UNLABELLED_BASE
+
+        log_p = torch.log_softmax(input, dim=1)
+        own = codes.clamp(max=num_classes - 1).unsqueeze(1)  # a stand-in at codes, masked out
+        known = log_p.gather(1, own)[:, 0].masked_fill(unlabelled, 0.0)
+        # an unlabelled voxel: log of the summed probability of the classes it may be, M of its set
+        merged = log_p.movedim(1, -1)[unlabelled].masked_fill(~marginal[set_index], float("-inf"))
+        ce = -(known.sum() + merged.logsumexp(dim=-1).sum()) / codes.numel()
+
+        p = torch.softmax(input, dim=1)
+        classes = torch.arange(num_classes, device=input.device).view(1, -1, *[1] * (input.dim() - 2))
+        onehot = (codes.unsqueeze(1) == classes).to(p.dtype)  # all zero at codes: "not c" for every c
+        # scan b annotates class c unless its set (a scan holds one) leaves c out
+        annotated = torch.ones(input.shape[:2], dtype=torch.bool, device=input.device)
+        for row in torch.unique(set_index).tolist():
+            holds = (codes == UNLABELLED_BASE + row).flatten(1).any(dim=1)
+            annotated &= ~(holds.unsqueeze(1) & marginal[row])
+        if not self.include_background:
+            p, onehot, annotated = p[:, 1:], onehot[:, 1:], annotated[:, 1:]
+        spatial = list(range(2, p.dim()))
+        intersection = (p * onehot).sum(spatial)
+        denominator = onehot.sum(spatial) + p.sum(spatial)
+        weight = annotated.to(p.dtype)
+        if self.batch:
+            intersection, denominator = (weight * intersection).sum(0), (weight * denominator).sum(0)
+            weight = annotated.any(dim=0).to(p.dtype)
+        dice = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
+        dice = (weight * dice).sum() / weight.sum().clamp_min(1.0)
+        return self.lambda_dice * dice + self.lambda_ce * ce

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "HardRatioSchedule",
+    "hardest_patches",
     "num_hard",
     "num_masked",
     "random_patch_mask",
@@ -66,6 +67,38 @@ def random_patch_mask(
     return _mask_from_topk(noise, num_masked(num_patches, mask_ratio))
 
 
+def hardest_patches(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+    lowest: bool = False,
+) -> torch.Tensor:
+    """The ``k`` top-scoring candidates of each row: the teacher's choice of hard patches.
+
+    Args:
+        scores: ``(B, L)`` per-patch scores, higher = harder.
+        k: patches chosen per row.
+        candidates: ``(B, L)`` bool, the patches that may be chosen (those the teacher reconstructed, i.e.
+            masked in its input); all patches if None.
+        lowest: choose the lowest scores instead (the paper's "low significance" ablation).
+
+    Returns:
+        ``(B, L)`` bool, True = chosen: exactly ``k`` per row.
+
+    Raises:
+        ValueError: a row has fewer than ``k`` candidates.
+    """
+    ranked = scores.float() if not lowest else -scores.float()
+    if candidates is not None:
+        candidates = candidates.bool()
+        n_candidates = int(candidates.sum(dim=1).min())
+        if k > n_candidates:
+            raise ValueError(f"{k} hard patches requested but a sample has only {n_candidates} candidates.")
+        ranked = ranked.masked_fill(~candidates, float("-inf"))
+    return _mask_from_topk(ranked, k)
+
+
 def reconstruction_guided_mask(
     scores: torch.Tensor,
     mask_ratio: float,
@@ -78,9 +111,10 @@ def reconstruction_guided_mask(
     """AnatoMask's self-masking: mask the hardest patches, fill the rest at random.
 
     Args:
-        scores: ``(B, L)`` per-patch reconstruction error of the teacher.
+        scores: ``(B, L)`` per-patch scores, higher = harder (the teacher's reconstruction error).
         mask_ratio: fraction of patches to mask; ``n_masked = L - round(L * (1 - mask_ratio))``.
-        hard_ratio: ``r_t``; ``k = floor(n_masked * r_t)`` patches are chosen by score.
+        hard_ratio: ``r_t``; ``k = floor(n_masked * r_t)`` patches are chosen by score
+            (:func:`hardest_patches`).
         candidates: ``(B, L)`` bool, the patches that may be chosen by score (those the teacher
             reconstructed, i.e. masked in its input); all patches if None.
         lowest: choose the lowest scores instead (the paper's "low significance" ablation).
@@ -94,14 +128,7 @@ def reconstruction_guided_mask(
     b, length = scores.shape
     n_masked = num_masked(length, mask_ratio)
     k = num_hard(n_masked, hard_ratio)
-    ranked = scores.float() if not lowest else -scores.float()
-    if candidates is not None:
-        candidates = candidates.bool()
-        n_candidates = int(candidates.sum(dim=1).min())
-        if k > n_candidates:
-            raise ValueError(f"{k} hard patches requested but a sample has only {n_candidates} candidates.")
-        ranked = ranked.masked_fill(~candidates, float("-inf"))
-    hard = _mask_from_topk(ranked, k)
+    hard = hardest_patches(scores, k, candidates=candidates, lowest=lowest)
     noise = _uniform((b, length), generator, scores.device).masked_fill(hard, float("-inf"))
     return hard | _mask_from_topk(noise, n_masked - k)
 

@@ -24,7 +24,8 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from anatomask_components.export import BUNDLE_NAMES, PACKAGE, SCRIPTS, export_bundle
+from anatomask_components.bundle_builder import finetune_bundles
+from anatomask_components.export import PACKAGE, SCRIPTS, export_bundle
 
 __all__ = ["APP_FILES", "PRETRAIN", "export_monailabel_app"]
 
@@ -115,7 +116,7 @@ def export_monailabel_app(
         _unpack_bundle(archive, model_dir, [PRETRAIN])
         if archive.parent == staging:
             archive.unlink()
-        finetuning = [name for name in BUNDLE_NAMES if name != PRETRAIN]
+        finetuning = list(finetune_bundles())
         for path in finetuned:
             _unpack_bundle(Path(path), model_dir, finetuning)
         for name in APP_FILES:

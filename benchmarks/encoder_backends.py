@@ -19,7 +19,7 @@ import argparse
 
 import torch
 from common import add_run_arguments, run_configurations, write_report
-from pretrain_step import network_kwargs
+from pretrain_step import stunet_backbone
 
 from anatomask_components.masking import random_patch_mask
 from anatomask_components.networks import AnatoMaskPretrainModel
@@ -40,7 +40,7 @@ def build_encoder_step(
     (runs in the benchmark's child process)."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AnatoMaskPretrainModel(backend=backend, **network_kwargs(size)).to(device)
+    model = AnatoMaskPretrainModel(stunet_backbone(size), backend=backend).to(device)
     encoder = model.sparse_encoder
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     encoder.to(memory_format=memory_format)

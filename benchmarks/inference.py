@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from common import write_report
 
+from anatomask_components.bundle_builder import bundle_folder
 from anatomask_components.demo.pipeline import run_bundle as demo_run_bundle
 
 
@@ -78,7 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", default="bundles/anatomask_finetune_flare22")
+    parser.add_argument(
+        "--bundle",
+        default="anatomask_finetune_flare22",
+        help="a bundle folder, or the name of one of the repository's bundles",
+    )
     parser.add_argument("--image", required=True, help="one CT scan (file or DICOM folder)")
     parser.add_argument("--model", default=None, help="fine-tuned model.pt (default: an untrained network)")
     parser.add_argument(
@@ -98,7 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/inference.json")
     args = parser.parse_args()
 
-    bundle = Path(args.bundle).resolve()
+    bundle = bundle_folder(args.bundle).resolve()
     network = json.loads(args.network)
     settings = [json.loads(s) for s in args.settings]
     with tempfile.TemporaryDirectory() as tmp:

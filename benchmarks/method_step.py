@@ -23,7 +23,8 @@ import torch
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
-from anatomask_components.networks import STUNET_PRESETS, AnatoMaskPretrainModel, MAEPretrainModel
+from anatomask_components.networks import STUNET_PRESETS, AnatoMaskPretrainModel, MAEPretrainModel, STUNet
+from anatomask_components.strategies import LossPredictorMasking, RandomMasking, TeacherReconstructionMasking
 from anatomask_components.teacher import EMATeacher
 
 # the small STU-Net of the benchmarks (widths 8-64, mask unit 16^3)
@@ -32,36 +33,31 @@ TINY_STUNET = {"depths": list(STUNET_PRESETS["tiny"][0]), "dims": list(STUNET_PR
 
 
 def _methods(stunet_roi: list[int], vit_roi: list[int]) -> dict[str, dict]:
-    """name -> network factory, masking strategy, mask ratio and crop."""
+    """name -> network factory, masking strategy (from the teacher and the hard-ratio schedule) and crop."""
     return {
         "SparK (random), STU-Net": {
-            "network": lambda: AnatoMaskPretrainModel(**TINY_STUNET),
-            "masking": "random",
-            "mask_ratio": 0.6,
+            "network": lambda: AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET)),
+            "masking": lambda teacher, schedule: RandomMasking(0.6),
             "roi": stunet_roi,
         },
         "AnatoMask, STU-Net": {
-            "network": lambda: AnatoMaskPretrainModel(**TINY_STUNET),
-            "masking": "anatomask",
-            "mask_ratio": 0.6,
+            "network": lambda: AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET)),
+            "masking": lambda teacher, schedule: TeacherReconstructionMasking(teacher, schedule, 0.6),
             "roi": stunet_roi,
         },
         "HPM (head), STU-Net": {
-            "network": lambda: AnatoMaskPretrainModel(**TINY_STUNET, loss_predictor="head"),
-            "masking": "hpm",
-            "mask_ratio": 0.6,
+            "network": lambda: AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), loss_predictor="head"),
+            "masking": lambda teacher, schedule: LossPredictorMasking(teacher, schedule, 0.6),
             "roi": stunet_roi,
         },
         "HPM (decoder), STU-Net": {
-            "network": lambda: AnatoMaskPretrainModel(**TINY_STUNET, loss_predictor="decoder"),
-            "masking": "hpm",
-            "mask_ratio": 0.6,
+            "network": lambda: AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), loss_predictor="decoder"),
+            "masking": lambda teacher, schedule: LossPredictorMasking(teacher, schedule, 0.6),
             "roi": stunet_roi,
         },
         "SelfMedHPM, ViT-B MAE": {
             "network": lambda: MAEPretrainModel(img_size=vit_roi, loss_predictor="decoder"),
-            "masking": "hpm",
-            "mask_ratio": 0.75,
+            "masking": lambda teacher, schedule: LossPredictorMasking(teacher, schedule, 0.75),
             "roi": vit_roi,
         },
     }
@@ -71,12 +67,8 @@ def _setup(spec: dict, batch: int, hard_ratio: float, device: torch.device) -> d
     torch.manual_seed(0)
     network = spec["network"]().to(device)
     teacher = EMATeacher(network)
-    iteration = AnatoMaskIteration(
-        spec["masking"],
-        spec["mask_ratio"],
-        teacher,
-        HardRatioSchedule(total_epochs=1, start=hard_ratio, end=hard_ratio),
-    )
+    schedule = HardRatioSchedule(total_epochs=1, start=hard_ratio, end=hard_ratio)
+    iteration = AnatoMaskIteration(spec["masking"](teacher, schedule), teacher=teacher)
     state = SimpleNamespace(device=device, iteration=0, epoch=1, epoch_length=1)
     engine = SimpleNamespace(
         network=network, optimizer=torch.optim.AdamW(network.parameters(), lr=1e-4), state=state
@@ -129,12 +121,13 @@ def main() -> None:
     rows = []
     for name in names:
         spec, run = methods[name], runs[name]
+        masking = run["iteration"].masking
         median = statistics.median(times[name])
         rows.append(
             {
                 "method": name,
-                "masking": spec["masking"],
-                "mask_ratio": spec["mask_ratio"],
+                "masking": type(masking).__name__,
+                "mask_ratio": masking.mask_ratio,
                 "roi": spec["roi"],
                 "parameters_m": sum(p.numel() for p in run["engine"].network.parameters()) / 1e6,
                 "median_s": median,

@@ -22,17 +22,18 @@ from common import METHODS, add_run_arguments, print_results, run_configurations
 
 from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.masking import HardRatioSchedule
-from anatomask_components.networks import STUNET_PRESETS, AnatoMaskPretrainModel
+from anatomask_components.networks import STUNET_PRESETS, AnatoMaskPretrainModel, STUNet
 from anatomask_components.optim import parameter_groups
+from anatomask_components.strategies import RandomMasking, TeacherReconstructionMasking
 from anatomask_components.teacher import EMATeacher
 
 # the tiny preset's blocks and widths, with the default strides (four halvings: total stride 16)
 TINY = {"depths": list(STUNET_PRESETS["tiny"][0]), "dims": list(STUNET_PRESETS["tiny"][1])}
 
 
-def network_kwargs(size: str) -> dict:
-    """Keyword arguments of :class:`AnatoMaskPretrainModel` for a preset name or ``tiny``."""
-    return dict(TINY) if size == "tiny" else {"size": size}
+def stunet_backbone(size: str) -> STUNet:
+    """The pretraining backbone of :class:`AnatoMaskPretrainModel` for a preset name or ``tiny``."""
+    return STUNet(1, 1, **(TINY if size == "tiny" else {"size": size}))
 
 
 def build_step(
@@ -51,23 +52,25 @@ def build_step(
     """Build one configuration; returns its ``step()`` (runs in the benchmark's child process)."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = AnatoMaskPretrainModel(backend=backend, **network_kwargs(size)).to(device)
+    network = AnatoMaskPretrainModel(stunet_backbone(size), backend=backend).to(device)
     teacher = EMATeacher(network) if method == "anatomask" else None
     options = {
         "precision": precision,
-        "teacher_precision": teacher_precision,
         "channels_last": channels_last,
         "compile": compile,
         "seed": seed,
     }
+    if teacher is None:
+        masking = RandomMasking(mask_ratio)
+    else:
+        schedule = HardRatioSchedule(total_epochs=1, start=0.5, end=0.5)
+        masking = TeacherReconstructionMasking(
+            teacher, schedule, mask_ratio, precision=teacher_precision or precision
+        )
     # options an older version of the package lacks are left out, so that it can be timed too (before/after)
     accepted = inspect.signature(AnatoMaskIteration).parameters
     iteration = AnatoMaskIteration(
-        masking=METHODS[method],
-        mask_ratio=mask_ratio,
-        teacher=teacher,
-        schedule=HardRatioSchedule(total_epochs=1, start=0.5, end=0.5) if teacher else None,
-        **{k: v for k, v in options.items() if k in accepted},
+        masking, teacher=teacher, **{k: v for k, v in options.items() if k in accepted}
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(network, 1e-5, decay_all=True), lr=1e-4, betas=(0.9, 0.999), fused=True

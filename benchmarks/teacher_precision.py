@@ -23,9 +23,9 @@ import torch
 from common import write_report
 
 from anatomask_components.data.preprocessing import inference_transforms
-from anatomask_components.losses import patch_scores
-from anatomask_components.masking import num_hard, num_masked, random_patch_mask
-from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.masking import hardest_patches, num_hard, num_masked, random_patch_mask
+from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
+from anatomask_components.strategies import masked_patch_errors
 from anatomask_components.weights import extract_state_dict, load_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,14 +66,11 @@ def hard_patches(
     device = x.device
     start = time.perf_counter()
     with torch.inference_mode():
-        with torch.autocast(device.type, dtype=DTYPES.get(precision), enabled=precision in DTYPES):
-            reconstruction = network(x, m0)
-        scores = patch_scores(reconstruction.float(), x, network.patch_size).masked_fill(~m0, float("-inf"))
+        scores = masked_patch_errors(network, x, m0, network.patch_size, precision=precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        hard = torch.zeros_like(m0)
-        hard.scatter_(1, scores.topk(k, dim=1).indices, True)
+        hard = hardest_patches(scores, k, candidates=m0)
     return hard, seconds
 
 
@@ -104,7 +101,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     kwargs = {"depths": [1] * len(args.dims), "dims": args.dims} if args.dims else {"size": args.size}
-    network = AnatoMaskPretrainModel(**kwargs)
+    network = AnatoMaskPretrainModel(STUNet(1, 1, **kwargs))
     if args.checkpoint:
         state_dict, _ = extract_state_dict(load_checkpoint(args.checkpoint), source=args.checkpoint)
         network.load_state_dict(state_dict)

@@ -30,6 +30,7 @@ from anatomask_components.demo.pipeline import (
 from anatomask_components.demo.report import FIGURES
 from anatomask_components.demo.settings import DemoSettings
 from anatomask_components.patches import unpatchify
+from anatomask_components.strategies import RandomMasking, TeacherReconstructionMasking
 
 
 def _workflow(folder: Path, names: list[str], workflow_type: str) -> ConfigWorkflow:
@@ -90,11 +91,37 @@ def test_pretrain_override_reaches_the_training_workflow(tmp_path):
     teacher = parsed.get_parsed_content("teacher")
     assert (teacher.momentum_start, teacher.momentum_end) == settings.ema_momentum
     iteration = parsed.get_parsed_content("train#iteration")
-    assert iteration.masking == "anatomask" and iteration.mask_ratio == settings.mask_ratio
+    assert type(iteration.masking) is TeacherReconstructionMasking
+    assert iteration.masking.mask_ratio == settings.mask_ratio
     assert parsed.get_parsed_content("network_def").patch_size == (16, 16, 16)
     inference = _workflow(folder, ["inference.json"], "infer")
     assert inference.check_properties() == []
     assert inference.parser.get_parsed_content("roi_size") == list(settings.roi_size)
+
+
+def test_the_spark_run_takes_the_bundles_random_masking_override(tmp_path):
+    settings = DemoSettings.preset(quick=True)
+    datalist = tmp_path / "pretrain.json"
+    items = [{"image": str(tmp_path / f"{c}.nii.gz")} for c in "ABC"]
+    datalist.write_text(json.dumps({"training": items, "validation": [], "test": items[:1]}))
+    spark = json.loads(
+        (BUNDLES_DIR / PRETRAIN_BUNDLE / "configs" / "train_spark.json").read_text(encoding="utf-8")
+    )
+    override = pretrain_override(settings, "spark", datalist)
+    assert override["masking"] == spark["masking"]
+    assert "masking" not in pretrain_override(settings, "anatomask", datalist)  # the bundle's default
+    folder = prepare_bundle(
+        BUNDLES_DIR / PRETRAIN_BUNDLE,
+        tmp_path / "pretrain_spark",
+        {**override, "fingerprint": phantom_fingerprint()},
+    )
+    assert "masking" not in json.loads((folder / "configs" / "inference.json").read_text(encoding="utf-8"))
+    flow = _workflow(folder, ["train.json", "demo_override.json"], "train")
+    assert flow.check_properties() == []
+    iteration = flow.parser.get_parsed_content("train#iteration")
+    assert type(iteration.masking) is RandomMasking and iteration.masking.mask_ratio == settings.mask_ratio
+    # the EMA teacher is still trained and reported beside SparK's random mask
+    assert iteration.teacher is flow.parser.get_parsed_content("teacher")
 
 
 class _ZeroReconstruction(torch.nn.Module):

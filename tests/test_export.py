@@ -23,6 +23,7 @@ from monai.bundle import ConfigExpression, ConfigWorkflow
 
 import anatomask_components
 from anatomask_components import cli
+from anatomask_components.bundle_builder import discover_bundles
 from anatomask_components.data.fingerprint import write_fingerprint
 from anatomask_components.data.phantoms import (
     make_affine,
@@ -31,11 +32,12 @@ from anatomask_components.data.phantoms import (
     write_phantom_dataset,
 )
 from anatomask_components.data.writers import write_volume
-from anatomask_components.export import BUNDLE_NAMES, SCRIPTS_LOADER, export_bundle
+from anatomask_components.export import SCRIPTS_LOADER, export_bundle
 from anatomask_components.networks import STUNet
 from anatomask_components.networks.stunet import stunet_preset
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLE_NAMES = list(discover_bundles())
 PACKAGE_DIR = Path(anatomask_components.__file__).parent
 PACKAGE = "anatomask_components"
 TINY = stunet_preset("tiny")  # depths [1] * 5, widths 8-64, strides [2,2,2] x 3 + [1,1,1]
@@ -79,9 +81,16 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 
 def package_sources() -> dict[str, str]:
-    """The package's modules a bundle needs: all but the command line, the exporters, the demo and the files
-    of the MONAI Label app."""
-    left_out = ("cli.py", "export.py", "demo", "monailabel_app.py", "monailabel_app_files")
+    """The package's modules a bundle needs: all but the command line, the exporters, the bundle builder, the
+    demo and the files of the MONAI Label app."""
+    left_out = (
+        "cli.py",
+        "export.py",
+        "bundle_builder.py",
+        "demo",
+        "monailabel_app.py",
+        "monailabel_app_files",
+    )
     return {
         p.relative_to(PACKAGE_DIR).as_posix(): p.read_text(encoding="utf-8")
         for p in PACKAGE_DIR.rglob("*.py")
@@ -324,6 +333,13 @@ def test_training_from_another_directory(tmp_path):
     assert (bundle / "runs" / "checkpoints" / "checkpoint_2.pt").is_file()
     assert not list(bundle.rglob(".training.lock"))
     assert not list(elsewhere.iterdir())
+
+
+def test_a_bundle_folder_exports_like_its_name(tmp_path):
+    """``export_bundle`` takes a bundle folder as well as a discovered name: the same archive."""
+    by_name = export_bundle("anatomask_finetune_flare22", tmp_path / "by_name.zip")
+    by_folder = export_bundle(BUNDLES / "anatomask_finetune_flare22", tmp_path / "by_folder.zip")
+    assert by_folder.read_bytes() == by_name.read_bytes()
 
 
 def test_weights_without_their_fingerprint_are_refused(tmp_path):

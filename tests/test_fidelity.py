@@ -15,6 +15,7 @@ from anatomask_components.engines import AnatoMaskIteration
 from anatomask_components.losses import patch_scores
 from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked, random_patch_mask
 from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
+from anatomask_components.strategies import TeacherReconstructionMasking
 from anatomask_components.teacher import EMATeacher
 
 PRETRAIN_TRAIN = (
@@ -22,9 +23,9 @@ PRETRAIN_TRAIN = (
 )
 
 
-def tiny_model(seed: int = 0, **kwargs) -> AnatoMaskPretrainModel:
+def tiny_model(seed: int = 0, **options) -> AnatoMaskPretrainModel:
     torch.manual_seed(seed)
-    return AnatoMaskPretrainModel(**(TINY_STUNET | kwargs))
+    return AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), **options)
 
 
 def _holds_teacher_choice(
@@ -47,7 +48,7 @@ def test_the_student_mask_holds_the_teachers_top_k_masked_patches(lowest, teache
         lambda m, args, out: seen.append({"teacher_mask": args[1].clone(), "reconstruction": out.detach()})
     )
     student.register_forward_pre_hook(lambda m, args: seen[-1].__setitem__("student_mask", args[1].clone()))
-    step = guided_iteration(teacher, lowest=lowest, teacher_target=teacher_target)
+    step = guided_iteration(teacher, {"lowest": lowest, "target": teacher_target})
     engine = iteration_engine(student)
     length = student.num_patches((32, 32, 32))
     n_masked = num_masked(length, 0.6)
@@ -79,7 +80,7 @@ def test_without_hard_patches_the_teacher_is_not_asked():
     teacher = EMATeacher(student)
     calls = []
     teacher.teacher.register_forward_hook(lambda m, args, out: calls.append(1))
-    step = AnatoMaskIteration("anatomask", 0.6, teacher, HardRatioSchedule(total_epochs=10))
+    step = AnatoMaskIteration(TeacherReconstructionMasking(teacher, HardRatioSchedule(total_epochs=10), 0.6))
     output = step(iteration_engine(student), {"image": torch.randn(1, 1, 32, 32, 32)})
     assert output["num_hard"] == 0 and output["hard_ratio"] == 0.0 and calls == []
 
@@ -126,7 +127,12 @@ def test_the_pretraining_bundle_defaults_follow_the_reference():
     assert config["decay_all"] is True
     assert config["encoder_init"] == "pytorch" and config["densify_init"] == "pytorch"
     assert config["densify_norm_eps"] == 1e-6
-    assert config["loss_predictor"] is None and config["masking"] == "anatomask"
+    assert config["loss_predictor"] is None
+    # AnatoMask's teacher chooses, scoring against the raw patch (the reference's target)
+    masking = config["masking"]
+    assert masking["_target_"] == "anatomask_components.strategies.TeacherReconstructionMasking"
+    assert masking["target"] == "@teacher_target" and config["teacher_target"] == "raw"
+    assert masking["lowest"] == "@lowest_scores" and config["lowest_scores"] is False
     network = config["network_def"]
     for key in ("encoder_init", "densify_init", "densify_norm_eps", "loss_predictor"):
         assert network[key] == f"@{key}"

@@ -23,6 +23,7 @@ from anatomask_components.networks import (
 from anatomask_components.networks.decoders import PatchLossHead
 from anatomask_components.networks.vit import vit_filter_fn, vit_key_map
 from anatomask_components.patches import patchify, unpatchify
+from anatomask_components.strategies import LossPredictorMasking, RandomMasking
 from anatomask_components.teacher import EMATeacher
 from anatomask_components.weights import VIT_INPUT_CONV_KEYS, transfer_weights
 
@@ -131,9 +132,9 @@ def test_the_head_learns_to_rank_losses_that_depend_on_a_visible_feature(kind):
 # loss predictors of the two pretraining networks
 
 
-def tiny_stunet(seed: int = 0, **kwargs) -> AnatoMaskPretrainModel:
+def tiny_stunet(seed: int = 0, **options) -> AnatoMaskPretrainModel:
     torch.manual_seed(seed)
-    return AnatoMaskPretrainModel(**(TINY_STUNET | kwargs))
+    return AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), **options)
 
 
 def test_the_loss_predictor_is_off_by_default():
@@ -224,7 +225,7 @@ def test_hpm_masks_the_teachers_top_predicted_losses_on_the_unmasked_input(netwo
     teacher.teacher.predict_patch_losses = recording_predict
     student.register_forward_pre_hook(lambda m, args: seen.__setitem__("student_mask", args[1].clone()))
     schedule = HardRatioSchedule(total_epochs=1, start=0.5, end=0.5)
-    step = AnatoMaskIteration("hpm", ratio, teacher, schedule, predictor_loss="relative")
+    step = AnatoMaskIteration(LossPredictorMasking(teacher, schedule, ratio), predictor_loss="relative")
     x = torch.randn(2, 1, *shape)
     engine = iteration_engine(student)
     before = {k: v.clone() for k, v in student.loss_predictor.state_dict().items()}
@@ -249,16 +250,16 @@ def test_hpm_masks_the_teachers_top_predicted_losses_on_the_unmasked_input(netwo
 
 def test_hpm_needs_a_loss_predictor():
     student = tiny_stunet()
-    step = AnatoMaskIteration("hpm", 0.6, EMATeacher(student), HardRatioSchedule(1, 0.5, 0.5))
+    step = AnatoMaskIteration(LossPredictorMasking(EMATeacher(student), HardRatioSchedule(1, 0.5, 0.5), 0.6))
     with pytest.raises(ValueError, match="loss predictor"):
         step(iteration_engine(student), {"image": torch.randn(1, 1, 32, 32, 32)})
     with pytest.raises(ValueError, match="teacher"):
-        AnatoMaskIteration("hpm", 0.6)
+        LossPredictorMasking(teacher=None, schedule=None, mask_ratio=0.6)
 
 
 def test_iteration_loss_is_the_reference_reconstruction_loss_without_a_predictor():
     student = tiny_stunet()
-    step = AnatoMaskIteration("random", 0.6)
+    step = AnatoMaskIteration(RandomMasking(0.6))
     x = torch.randn(2, 1, 32, 32, 32)
     masks = []
     student.register_forward_pre_hook(lambda m, args: masks.append(args[1].clone()))
@@ -350,7 +351,7 @@ def test_vit_patch_embedding_is_adapted_to_two_input_channels():
 
 def test_both_pretraining_networks_declare_the_protocol():
     """The iteration, teacher, exporter and inference use only what PretrainingNetwork declares."""
-    for model in (AnatoMaskPretrainModel(**TINY_STUNET, loss_predictor="head"), tiny_vit()):
+    for model in (AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), loss_predictor="head"), tiny_vit()):
         assert isinstance(model, PretrainingNetwork), type(model).__name__
         grid = [32 // p for p in model.patch_size]
         assert model.num_patches((32, 32, 32)) == grid[0] * grid[1] * grid[2]

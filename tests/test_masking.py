@@ -14,6 +14,7 @@ import torch
 
 from anatomask_components.masking import (
     HardRatioSchedule,
+    hardest_patches,
     num_hard,
     num_masked,
     random_patch_mask,
@@ -123,6 +124,31 @@ def test_guided_mask_contract_over_a_seeded_grid():
             for b in range(batch):
                 expected[b, list(topk_set(scores[b], candidates[b], k, lowest))] = True
             assert torch.equal(mask, expected)
+
+
+def test_hardest_patches_are_the_top_k_candidates_that_the_guided_mask_holds():
+    for case, length, ratio, hard_ratio, lowest in _guided_cases():
+        batch = 1 + case % 3
+        k = math.floor(expected_masked(length, ratio) * hard_ratio + 1e-9)
+        candidates = random_patch_mask(batch, length, ratio, generator=gen(1000 + case))
+        scores = distinct_scores(batch, length, case) * candidates
+        hard = hardest_patches(scores, k, candidates=candidates, lowest=lowest)
+        for b in range(batch):
+            assert set(torch.nonzero(hard[b]).flatten().tolist()) == topk_set(
+                scores[b], candidates[b], k, lowest
+            )
+        mask = reconstruction_guided_mask(
+            scores, ratio, hard_ratio, candidates=candidates, lowest=lowest, generator=gen(case)
+        )
+        assert torch.equal(mask & hard, hard)
+    scores = distinct_scores(1, 8, 0)
+    assert set(torch.nonzero(hardest_patches(scores, 3)[0]).flatten().tolist()) == topk_set(
+        scores[0], torch.ones(8, dtype=torch.bool), 3
+    )
+    few = torch.zeros(1, 8, dtype=torch.bool)
+    few[0, :2] = True
+    with pytest.raises(ValueError, match="only 2 candidates"):
+        hardest_patches(scores, 3, candidates=few)
 
 
 def test_full_hard_ratio_gives_exactly_the_top_or_bottom_candidates():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 from anatomask_components.optim import parameter_groups
 
 
 def tiny_model() -> AnatoMaskPretrainModel:
     torch.manual_seed(0)
-    return AnatoMaskPretrainModel(depths=(1,) * 6, dims=(8, 16, 32, 32, 32, 32))
+    return AnatoMaskPretrainModel(STUNet(1, 1, depths=(1,) * 6, dims=(8, 16, 32, 32, 32, 32)))
 
 
 def names_of(model, group) -> set[str]:

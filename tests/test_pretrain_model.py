@@ -17,9 +17,9 @@ from anatomask_components.patches import patchify
 TINY = {"depths": (1, 2, 1, 1, 1, 1), "dims": (8, 16, 32, 64, 64, 64)}
 
 
-def tiny_model(seed=0, **kwargs) -> AnatoMaskPretrainModel:
+def tiny_model(seed=0, in_channels=1, strides=None, **options) -> AnatoMaskPretrainModel:
     torch.manual_seed(seed)
-    return AnatoMaskPretrainModel(**(TINY | kwargs))
+    return AnatoMaskPretrainModel(STUNet(in_channels, 1, **TINY, strides=strides), **options)
 
 
 def random_mask(batch, length, seed, ratio=0.6):
@@ -53,7 +53,7 @@ def _official_encoder_keys(stages=5):
 
 def test_stunet_b_pretraining_model_size():
     with torch.device("meta"):
-        model = AnatoMaskPretrainModel(size="B")
+        model = AnatoMaskPretrainModel(STUNet(1, 1, size="B"))
     assert count_parameters(model) == pytest.approx(53.05e6, rel=0.005)
     assert count_parameters(model.sparse_encoder) / 1e6 == pytest.approx(14.31, abs=0.005)
     assert count_parameters(model.dense_decoder) / 1e6 == pytest.approx(36.39, abs=0.005)
@@ -75,7 +75,7 @@ def test_stunet_b_pretraining_model_size():
 
 def test_stunet_b_encoder_keys_follow_the_official_layout():
     with torch.device("meta"):
-        model = AnatoMaskPretrainModel(size="B")
+        model = AnatoMaskPretrainModel(STUNet(1, 1, size="B"))
         finetune = STUNet(1, 105, size="B")
     official = _official_encoder_keys(5)
     assert len(official) == 50

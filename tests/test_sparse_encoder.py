@@ -1,4 +1,4 @@
-"""Sparse STU-Net encoder: masked instance norm, backend agreement, no leak (docs/method.md §4)."""
+"""Sparse encoder of a STU-Net: masked instance norm, backend agreement, no leak (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import torch
 import torch.nn as nn
 
 from anatomask_components.masking import random_patch_mask
-from anatomask_components.networks.sparse import (
-    SparseSTUNetEncoder,
-    masked_instance_norm,
-    upsample_patch_mask,
-)
+from anatomask_components.networks.sparse import SparseEncoder, masked_instance_norm, upsample_patch_mask
 from anatomask_components.networks.stunet import STUNet
 from anatomask_components.patches import mask_to_visible_grid
 
@@ -38,10 +34,10 @@ def random_visible(batch: int, grid, seed: int, ratio: float = 0.5) -> torch.Ten
 
 
 def encoders(net, pooling, backends=("dense", "spconv")):
-    return {b: SparseSTUNetEncoder.from_stunet(net, 5, backend=b, norm_pooling=pooling) for b in backends}
+    return {b: SparseEncoder(net, 5, backend=b, norm_pooling=pooling) for b in backends}
 
 
-def voxel_masks(enc: SparseSTUNetEncoder, visible: torch.Tensor) -> list[torch.Tensor]:
+def voxel_masks(enc: SparseEncoder, visible: torch.Tensor) -> list[torch.Tensor]:
     patch = enc.patch_size
     return [
         upsample_patch_mask(visible, [p // s for p, s in zip(patch, stride)])
@@ -167,7 +163,7 @@ def test_masked_instance_norm_reduced_precision_keeps_fp32_statistics():
 @pytest.mark.parametrize("pooling", ["sample", "batch"])
 def test_all_visible_equals_the_dense_stunet_encoder(pooling):
     net = tiny_stunet()
-    enc = SparseSTUNetEncoder.from_stunet(net, 5, backend="dense", norm_pooling=pooling)
+    enc = SparseEncoder(net, 5, backend="dense", norm_pooling=pooling)
     batch = 2 if pooling == "sample" else 1  # batch pooling equals instance norm only for one sample
     x = torch.randn(batch, 1, 32, 32, 48)
     feats = enc(x, torch.ones(batch, 1, 2, 2, 3, dtype=torch.bool))
@@ -179,7 +175,7 @@ def test_all_visible_equals_the_dense_stunet_encoder(pooling):
 
 def test_encoder_geometry_and_validation():
     net = tiny_stunet()
-    enc = SparseSTUNetEncoder.from_stunet(net, 5)
+    enc = SparseEncoder(net, 5)
     assert enc.patch_size == (16, 16, 16)
     assert enc.cumulative_strides == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8), (16, 16, 16)]
     assert enc.widths == list(DIMS)
@@ -201,18 +197,18 @@ def test_encoder_geometry_and_validation():
     with pytest.raises(ValueError):
         enc(torch.randn(1, 1, 32, 32, 40), torch.ones(1, 1, 2, 2, 3, dtype=torch.bool))
     with pytest.raises(ValueError):
-        SparseSTUNetEncoder.from_stunet(net, 5, backend="torchsparse")
+        SparseEncoder(net, 5, backend="torchsparse")
     with pytest.raises(ValueError):
-        SparseSTUNetEncoder.from_stunet(net, 5, norm_pooling="channel")
+        SparseEncoder(net, 5, norm_pooling="channel")
     with pytest.raises(ValueError):
-        SparseSTUNetEncoder.from_stunet(net, 6)
+        SparseEncoder(net, 6)
 
 
 @pytest.mark.parametrize("backend", ["dense", "spconv"])
 def test_mask_is_an_argument_not_state(backend):
     if backend == "spconv":
         needs_spconv()
-    enc = SparseSTUNetEncoder.from_stunet(tiny_stunet(), 5, backend=backend)
+    enc = SparseEncoder(tiny_stunet(), 5, backend=backend)
     x = torch.randn(2, 1, 32, 32, 48)
     vis_a, vis_b = random_visible(2, (2, 2, 3), 1), random_visible(2, (2, 2, 3), 2)
     first = enc(x, vis_a)
@@ -227,7 +223,7 @@ def test_mask_is_an_argument_not_state(backend):
 def test_masked_input_voxels_do_not_leak_into_the_features(backend, pooling):
     if backend == "spconv":
         needs_spconv()
-    enc = SparseSTUNetEncoder.from_stunet(tiny_stunet(), 5, backend=backend, norm_pooling=pooling)
+    enc = SparseEncoder(tiny_stunet(), 5, backend=backend, norm_pooling=pooling)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 1, 32, 32, 48, generator=gen)
     visible = random_visible(2, (2, 2, 3), 4)
@@ -249,7 +245,7 @@ def test_masked_input_voxels_do_not_leak_into_the_features(backend, pooling):
 @pytest.mark.parametrize("pooling", ["sample", "batch"])
 def test_norm_pooling_across_samples(pooling):
     """Per-sample statistics keep samples independent; batch pooling (reference) couples them."""
-    enc = SparseSTUNetEncoder.from_stunet(tiny_stunet(), 5, backend="dense", norm_pooling=pooling)
+    enc = SparseEncoder(tiny_stunet(), 5, backend="dense", norm_pooling=pooling)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 1, 32, 32, 48, generator=gen)
     visible = random_visible(2, (2, 2, 3), 6)

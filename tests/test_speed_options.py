@@ -10,22 +10,21 @@ import torch
 from pretrain_common import TINY_STUNET, guided_iteration, iteration_engine
 
 from anatomask_components.engines import AnatoMaskIteration
-from anatomask_components.masking import num_hard, num_masked, random_patch_mask
-from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.masking import HardRatioSchedule, num_hard, num_masked, random_patch_mask
+from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 from anatomask_components.networks.sparse import SPCONV_FROM_MASKED_FRACTION
 from anatomask_components.patches import mask_to_visible_grid, patch_grid
+from anatomask_components.strategies import RandomMasking, TeacherReconstructionMasking
 from anatomask_components.teacher import EMATeacher
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _setup(channels_last: bool, teacher_precision: str | None = None, seed: int = 0):
+def _setup(channels_last: bool, teacher_precision: str = "fp32", seed: int = 0):
     torch.manual_seed(seed)
-    student = AnatoMaskPretrainModel(**TINY_STUNET)
+    student = AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET))
     teacher = EMATeacher(student)
-    step = guided_iteration(
-        teacher, channels_last=channels_last, teacher_precision=teacher_precision, seed=seed
-    )
+    step = guided_iteration(teacher, {"precision": teacher_precision}, channels_last=channels_last, seed=seed)
     return step, teacher, iteration_engine(student, fused=True)
 
 
@@ -70,21 +69,23 @@ def test_the_teachers_mask_is_an_ordinary_tensor_with_exact_counts():
     length = engine.network.num_patches(x.shape[2:])
     m0 = torch.zeros(2, length, dtype=torch.bool)
     m0[:, : num_masked(length, 0.6)] = True
-    mask = step.guided_mask(x, m0, engine.network, 0.5, torch.Generator().manual_seed(0))
+    mask = step.masking(x, engine.network, m0, 0.5, torch.Generator().manual_seed(0))
     assert not torch.is_inference(mask)  # the teacher ran in inference mode; its mask feeds autograd code
     assert mask.sum(dim=1).tolist() == [num_masked(length, 0.6)] * 2
 
 
 def test_a_bf16_teacher_is_an_option_with_exact_counts():
     step, teacher, engine = _setup(channels_last=True, teacher_precision="bf16")
-    assert step.teacher_precision == "bf16" and step.precision == "fp32"
+    assert step.masking.precision == "bf16" and step.precision == "fp32"
     calls = []
     teacher.teacher.register_forward_hook(lambda m, args, out: calls.append(out.dtype))
     output = step(engine, {"image": torch.randn(2, 1, 32, 32, 32)})
     assert calls == [torch.bfloat16]  # the teacher's pass ran under bf16 autocast, the student's did not
     assert output["num_hard"] == num_hard(num_masked(64, 0.6), 0.5)
-    with pytest.raises(ValueError, match="teacher_precision"):
-        AnatoMaskIteration("random", 0.6, teacher_precision="int8")
+    with pytest.raises(ValueError, match="teacher's precision"):
+        TeacherReconstructionMasking(teacher, HardRatioSchedule(total_epochs=1), 0.6, precision="int8")
+    with pytest.raises(ValueError, match="precision"):
+        AnatoMaskIteration(RandomMasking(0.6), precision="int8")
 
 
 def test_the_per_sample_mask_loop_of_the_benchmark_chooses_what_the_generator_chooses():
@@ -134,8 +135,8 @@ def test_auto_backend_runs_the_faster_backend_measured_for_the_pass_and_mask_rat
         "cuda": {"train": None, "inference": None},
     }
     torch.manual_seed(0)
-    auto = AnatoMaskPretrainModel(**TINY_STUNET, backend="auto")
-    fixed = AnatoMaskPretrainModel(**TINY_STUNET, backend=expected)
+    auto = AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), backend="auto")
+    fixed = AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), backend=expected)
     fixed.load_state_dict(auto.state_dict())
     x = torch.randn(2, 1, 32, 32, 32)
     mask = random_patch_mask(2, auto.num_patches(x.shape[2:]), ratio, torch.Generator().manual_seed(1))
@@ -150,7 +151,7 @@ def test_auto_backend_without_spconv_stays_dense(monkeypatch):
         raise ImportError("no spconv")
 
     monkeypatch.setattr("anatomask_components.networks.sparse._SpconvBackend", missing)
-    encoder = AnatoMaskPretrainModel(**TINY_STUNET, backend="auto").sparse_encoder
+    encoder = AnatoMaskPretrainModel(STUNet(1, 1, **TINY_STUNET), backend="auto").sparse_encoder
     visible = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
     visible[0, 0, 0, 0, :2] = True  # 97 % masked: spconv's range on a CPU
     assert encoder.resolved_backend(visible) == "dense"

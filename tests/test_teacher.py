@@ -208,10 +208,11 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path):
 def test_teacher_of_a_sparse_spconv_student():
     pytest.importorskip("spconv.pytorch")
     from anatomask_components.masking import random_patch_mask
-    from anatomask_components.networks import AnatoMaskPretrainModel
+    from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 
     torch.manual_seed(0)
-    student = AnatoMaskPretrainModel(depths=(1,) * 6, dims=(8, 16, 32, 32, 32, 32), backend="spconv")
+    backbone = STUNet(1, 1, depths=(1,) * 6, dims=(8, 16, 32, 32, 32, 32))
+    student = AnatoMaskPretrainModel(backbone, backend="spconv")
     ema = EMATeacher(student)
     assert ema.teacher.sparse_encoder.backend == "spconv"
     x = torch.randn(1, 1, 32, 32, 32)

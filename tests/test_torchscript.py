@@ -14,9 +14,11 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata
 
+from anatomask_components.bundle_builder import discover_bundles, finetune_bundles
+
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-FINETUNE = ["anatomask_finetune_flare22", "anatomask_finetune_amos22", "anatomask_finetune_autopet"]
-ALL_BUNDLES = ["anatomask_pretrain", *FINETUNE]
+FINETUNE = list(finetune_bundles())
+ALL_BUNDLES = list(discover_bundles())
 SMALL = "['configs/{config}','configs/small_override.json']"
 SHAPE = [32, 32, 32]  # divisible by the small network's total stride (8)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

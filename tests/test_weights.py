@@ -165,7 +165,7 @@ def test_adapt_input_channels_general_rule():
 
 def test_pretraining_bundle_exports(tmp_path):
     torch.manual_seed(3)
-    student = AnatoMaskPretrainModel(1, **TINY)
+    student = AnatoMaskPretrainModel(STUNet(1, 1, **TINY))
     teacher = EMATeacher(student)
     with torch.no_grad():
         for parameter in teacher.teacher.parameters():
@@ -378,7 +378,7 @@ def test_stunet_declares_its_fine_tuning_contract():
     network = STUNet(1, 3, **TINY)
     contract = fine_tuning_contract(network)
     assert contract.input_conv_keys == STUNET_INPUT_CONV_KEYS == STUNet.input_conv_keys
-    student = AnatoMaskPretrainModel(1, **TINY).state_dict()
+    student = AnatoMaskPretrainModel(STUNet(1, 1, **TINY)).state_dict()
     assert contract.key_map(list(student)) == stunet_key_map(list(student))
     # timm-style filter: the sparse encoder's tensors under STU-Net keys, loadable into the network
     filtered = STUNet.pretrained_filter_fn(student)

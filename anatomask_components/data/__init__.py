@@ -9,6 +9,8 @@
   (``anatomask preprocess``).
 - :mod:`~anatomask_components.data.datalists`: datalists from folders, nnU-Net, MSD and AutoPET layouts.
 - :mod:`~anatomask_components.data.labels`: label sets and remapping (TotalSegmentator to FLARE22 / AMOS22).
+- :mod:`~anatomask_components.data.partial_labels`: partially labelled training scans (the ``labelled``
+  field, the unlabelled codes in their label maps).
 - :mod:`~anatomask_components.data.normalization`, :mod:`~anatomask_components.data.fingerprint`: intensities.
 - :mod:`~anatomask_components.data.validation`: ``InvalidScanError`` and the checks behind it.
 - :mod:`~anatomask_components.data.checks`: ``check_datalist`` (``anatomask check-data``), datalist reading.
@@ -16,7 +18,7 @@
 - :mod:`~anatomask_components.data.examples`: the real example CT (``anatomask fetch-examples``).
 
 Submodules are imported on use, so that importing the package stays cheap. They build bottom-up, without
-cycles: validation; readers, writers; labels, normalization, datalists; preprocessing; checks,
-fingerprint, cache, datasets, examples and phantoms on top, preprocess last
+cycles: validation; readers, writers, partial_labels; labels, normalization, datalists; preprocessing;
+checks, fingerprint, cache, datasets, examples and phantoms on top, preprocess last
 (tests/data/test_data_layers.py keeps it so).
 """

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from anatomask_components.data.partial_labels import LABELLED_KEY, check_labelled_items
 from anatomask_components.data.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -328,6 +329,10 @@ def load_datalist_section(datalist: str | os.PathLike, section: str) -> list[dic
     if not content.get(section):
         return []
     items = load_decathlon_datalist(datalist, data_list_key=section)
+    # MONAI makes a path of any string naming a file beside the datalist: class names stay names
+    for item, raw in zip(items, content[section]):
+        if LABELLED_KEY in raw:
+            item[LABELLED_KEY] = raw[LABELLED_KEY]
     return drop_duplicate_items(items, f"{datalist} ({section})")
 
 
@@ -640,6 +645,7 @@ def datalist_section(
     section: str,
     require_labels: bool = False,
     label_key: str = "label",
+    labels: Mapping[Any, str] | Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The items of one section of a datalist, named (see :func:`case_ids`).
 
@@ -650,12 +656,16 @@ def datalist_section(
         section: ``"training"``, ``"validation"`` or ``"test"``; a section the datalist lacks is empty.
         require_labels: raise if an item has no ``label_key``.
         label_key: the label item key.
+        labels: the model's classes (``{"0": "background", "1": "liver", ...}``): if given, the
+            ``labelled`` fields of partially labelled items are checked against them, and such items are
+            refused outside ``training`` (see :mod:`~anatomask_components.data.partial_labels`).
 
     Returns:
         the items, each with a ``case`` name.
 
     Raises:
-        ValueError: an item without a label when ``require_labels``.
+        ValueError: an item without a label when ``require_labels``; a ``labelled`` field naming no class
+            of ``labels``, or a partially labelled item outside ``training``.
     """
     source = Path(source)
     if source.is_file():
@@ -669,6 +679,8 @@ def datalist_section(
             raise ValueError(
                 f"{source}: {len(unlabelled)} {section} item(s) without '{label_key}', e.g. {unlabelled[0]}"
             )
+    if labels is not None:
+        check_labelled_items(items, labels, section, str(source))
     return with_case_ids(items)
 
 

@@ -1,10 +1,12 @@
 """Datasets that cache the deterministic preprocessing on disk and can skip bad scans.
 
 The cache key of an item combines (1) every input file's path, size and modification time (for a DICOM
-folder: those of its files) and (2) a digest of the deterministic transforms' parameters (every attribute
-of every transform before the first random one, plus this package's version). Changing a parameter
-(spacing, normalisation, fingerprint values, label mapping, ROI padding, ...) or replacing a file gives a
-new key, so stale volumes are never used; (3) the stored dtype (``cache_dtype``) and the file format.
+folder: those of its files), with the item's other fields as they are, and (2) a digest of the
+deterministic transforms' parameters (every attribute of every transform before the first random one, plus
+this package's version). Changing a parameter (spacing, normalisation, fingerprint values, label mapping,
+ROI padding, ...), replacing a file or changing a field (the ``labelled`` classes of a partially labelled
+scan, which the random part reads from the cached item) gives a new key, so stale items are never used;
+(3) the stored dtype (``cache_dtype``) and the file format.
 Old entries are left behind until ``anatomask cache`` prunes them (:mod:`anatomask_components.data.cache`,
 which also places the one cache per machine and records which dataset uses which entries).
 

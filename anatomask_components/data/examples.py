@@ -8,7 +8,8 @@ hashed, then read with ``tarfile``, and only the example files are written, insi
 Cases (see docs/data.md):
 
 - A: abdomen/pelvis CT, NIfTI, 3 mm, 61 TotalSegmentator classes;
-- B: chest CT angiography, NIfTI, 1.5 mm (image only: its labels are separate binary masks);
+- B: chest and upper-abdomen CT angiography, NIfTI, 1.5 mm; of its labels (binary masks in a cropped grid)
+  only the aorta is used, as a partially labelled training case (``datalists/flare22_partial.json``);
 - C: contrast abdomen CT, a 20-slice DICOM series, 0.98 x 0.98 x 2 mm, 31 classes;
 - MR: abdominal MR, NIfTI, 3 mm, labels of TotalSegmentator's ``total_mr`` task (its own class ids).
 """
@@ -63,6 +64,10 @@ LABELS = {
     "A": ("example_seg_fast_force_split.nii.gz", "labels/A_totalseg.nii.gz"),
     "C": ("example_seg_dicom.nii.gz", "labels/C_totalseg.nii.gz"),
     "MR": ("example_seg_mr.nii.gz", "labels/MR_totalseg_mr.nii.gz"),
+}
+# Binary masks of one structure, in a grid cropped from their scan's: case -> (member, file, FLARE22 class).
+PARTIAL_LABELS = {
+    "B": ("aorta_report/test_result/models/aorta.nii.gz", "labels/B_aorta_mask.nii.gz", "aorta")
 }
 MODALITY = {"A": "CT", "B": "CT", "C": "CT", "MR": "MR"}
 # Which TotalSegmentator id map each label file uses ("total" for CT, "total_mr" for the MR task).
@@ -299,7 +304,8 @@ def _extract(archive: Path, dest: Path) -> None:
         RuntimeError: the archive holds a member with an absolute path or ``..`` (checked before anything
             is written).
     """
-    wanted = {f"{_REFERENCE}/{member}": target for member, target in [*IMAGES.values(), *LABELS.values()]}
+    members = [*IMAGES.values(), *LABELS.values(), *((m, t) for m, t, _ in PARTIAL_LABELS.values())]
+    wanted = {f"{_REFERENCE}/{member}": target for member, target in members}
     wanted[f"{PACKAGE}-{VERSION}/LICENSE"] = "LICENSE_TotalSegmentator.txt"
     with tarfile.open(archive, "r:gz") as tar:
         members = tar.getmembers()
@@ -335,10 +341,45 @@ def _write_remapped(source: Path, target: Path, mapping: dict[int, int]) -> Path
     return target
 
 
+def _write_mask_in_scan_grid(mask_path: Path, scan_path: Path, target: Path, class_id: int) -> Path:
+    """Place a binary mask stored in a crop of its scan's grid into the scan's full grid, as ``class_id``.
+
+    Raises:
+        RuntimeError: the two grids differ by more than a whole-voxel shift (other spacing, orientation or
+            a fractional offset), or the crop reaches outside the scan.
+    """
+    import nibabel as nib
+
+    mask, scan = nib.load(mask_path), nib.load(scan_path)
+    # voxel (i, j, k) of the mask is voxel (i, j, k) + offset of the scan
+    to_scan = np.linalg.inv(scan.affine) @ mask.affine
+    offset = to_scan[:3, 3]
+    if not np.allclose(to_scan[:3, :3], np.eye(3), atol=1e-4) or not np.allclose(
+        offset, offset.round(), atol=1e-3
+    ):
+        raise RuntimeError(f"{mask_path}: its grid is not a whole-voxel crop of {scan_path}'s grid")
+    start = offset.round().astype(int)
+    stop = start + np.array(mask.shape[:3])
+    if (start < 0).any() or (stop > np.array(scan.shape[:3])).any():
+        raise RuntimeError(
+            f"{mask_path}: its crop [{start.tolist()}, {stop.tolist()}) is outside {scan_path}"
+        )
+    values = np.zeros(scan.shape[:3], dtype=np.uint8)
+    values[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = (
+        np.asanyarray(mask.dataobj) > 0
+    ) * class_id
+    labels = nib.Nifti1Image(values, scan.affine, scan.header)
+    labels.set_data_dtype(np.uint8)
+    nib.save(labels, target)
+    return target
+
+
 def _item(dest: Path, case: str, label_set: str | None = None) -> dict[str, Any]:
     item: dict[str, Any] = {"image": str(dest / IMAGES[case][1]), "modality": MODALITY[case]}
     if label_set is not None:
         item["label"] = str(dest / f"labels/{case}_{label_set}.nii.gz")
+    if case in PARTIAL_LABELS:
+        item["labelled"] = [PARTIAL_LABELS[case][2]]
     return item
 
 
@@ -369,6 +410,14 @@ def fetch_examples(dest: str, cache_dir: str | None = None) -> dict[str, Any]:
                 continue  # FLARE22 is a CT task
             mapping = LABEL_MAPPINGS[f"{SOURCE_MAP[case]}_to_{label_set}"]
             _write_remapped(dest_path / label_file, dest_path / f"labels/{case}_{label_set}.nii.gz", mapping)
+    flare22_ids = {name: i for i, name in enumerate(FLARE22_CLASSES, start=1)}
+    for case, (_, mask_file, organ) in PARTIAL_LABELS.items():
+        _write_mask_in_scan_grid(
+            dest_path / mask_file,
+            dest_path / IMAGES[case][1],
+            dest_path / f"labels/{case}_flare22.nii.gz",
+            flare22_ids[organ],
+        )
 
     datalists = {
         "pretrain": {
@@ -378,6 +427,13 @@ def fetch_examples(dest: str, cache_dir: str | None = None) -> dict[str, Any]:
         },
         "flare22": {
             "training": [_item(dest_path, "A", "flare22")],
+            "validation": [_item(dest_path, "A", "flare22")],
+            "test": [_item(dest_path, "C", "flare22")],
+            "labels": label_names(FLARE22_CLASSES),
+        },
+        # A fully labelled, B (aorta only) partially: the organs B does not label stay out of its loss
+        "flare22_partial": {
+            "training": [_item(dest_path, "A", "flare22"), _item(dest_path, "B", "flare22")],
             "validation": [_item(dest_path, "A", "flare22")],
             "test": [_item(dest_path, "C", "flare22")],
             "labels": label_names(FLARE22_CLASSES),

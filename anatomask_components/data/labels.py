@@ -58,7 +58,10 @@ TOTALSEG_MR_IDS = {
 }
 
 # Target label sets of the FLARE22 and AMOS22 (task 2) challenges, labels 1..N in this order, named with
-# TotalSegmentator's names.
+# TotalSegmentator's names. The bundles' own names live in their dataset spec (bundles/*/dataset/spec.json);
+# these tables say which TotalSegmentator structure each id is (AMOS22's "postcava" is its inferior vena
+# cava) and ship with the package, where no bundles folder is (tests/data/test_data_labels.py checks that
+# both agree).
 FLARE22_CLASSES = (
     "liver",
     "kidney_right",

@@ -38,6 +38,7 @@ from anatomask_components.data.augmentation import (
 )
 from anatomask_components.data.labels import RemapLabelsd
 from anatomask_components.data.normalization import NormalizeByModalityd
+from anatomask_components.data.partial_labels import EncodeUnlabelledd
 from anatomask_components.data.readers import RAS_LABELS, AnatoMaskReader
 from anatomask_components.data.validation import ValidateScand
 
@@ -283,9 +284,12 @@ def finetune_train_transforms(
     image_channel_dim: int | None = None,
     suv_max: float = 20.0,
     accepted_modalities: Sequence[str] | None = None,
+    labels: Mapping[Any, str] | Sequence[str] | None = None,
+    label_sets: Sequence[Sequence[int]] = (),
 ) -> Compose:
     """Fine-tuning training pipeline: shared deterministic part, label-aware crops that may reach past the
-    border, nnU-Net's augmentation (the deterministic part is exactly the pretraining one plus the label).
+    border, nnU-Net's augmentation (the deterministic part is exactly the pretraining one plus the label),
+    then the marking of partially labelled items' unlabelled voxels.
 
     Args:
         roi_size: patch size.
@@ -296,11 +300,19 @@ def finetune_train_transforms(
         augmentation: overrides of nnU-Net's augmentation settings, or ``"none"``; see
             :mod:`anatomask_components.data.augmentation` for the keys and their reference values.
         image_key, label_key: item keys.
+        labels: the model's classes (``{"0": "background", "1": "liver", ...}``), to read the ``labelled``
+            field of partially labelled items; None refuses items with that field.
+        label_sets: the training set's table of labelled-class sets
+            (:func:`~anatomask_components.data.partial_labels.partial_label_sets`).
 
     Returns:
         a Compose mapping an item to a list of ``num_samples`` dicts ``{"image": (C, *roi_size) float32,
         "label": (1, *roi_size)}``. Everything outside the scan (border crops, rotation corners, removed
-        slab slices) is 0 in the image and background in the label, as the sliding window pads.
+        slab slices) is 0 in the image and background in the label, as the sliding window pads. In the
+        crops of a partially labelled item, every voxel outside its labelled classes holds the code
+        ``UNLABELLED_BASE + set_index``
+        (:class:`~anatomask_components.data.partial_labels.EncodeUnlabelledd`); fully labelled items come
+        out as they would without it.
     """
     keys = [image_key, label_key]
     settings = resolve_augmentation(augmentation)
@@ -346,6 +358,8 @@ def finetune_train_transforms(
         transforms.append(
             RandThinSlabd(keys, prob=settings["thin_slab_prob"], min_slices=settings["thin_slab_min_slices"])
         )
+    # last: the positive crops and the per-class enhancement must see class ids, not unlabelled codes
+    transforms.append(EncodeUnlabelledd(label_key, label_sets, labels))
     return Compose(transforms)
 
 

@@ -26,10 +26,16 @@ import torch
 from anatomask_components.checkpointing import latest_checkpoint
 from anatomask_components.data.fingerprint import model_fingerprint
 from anatomask_components.data.preprocessing import deterministic_transforms
-from anatomask_components.losses import patch_scores
-from anatomask_components.masking import num_hard, num_masked, random_patch_mask, reconstruction_guided_mask
-from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.masking import (
+    hardest_patches,
+    num_hard,
+    num_masked,
+    random_patch_mask,
+    reconstruction_guided_mask,
+)
+from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 from anatomask_components.patches import paste_reconstruction, patch_grid, patchify, unpatchify
+from anatomask_components.strategies import masked_patch_errors
 
 __all__ = ["CaseVolumes", "analyse_pretraining", "load_case", "topk_statistics"]
 
@@ -123,11 +129,10 @@ def topk_statistics(
     sums = {t: np.zeros(4) for t in TARGETS}
     for mask in masks:
         mask = mask.to(device)
-        reconstruction = scorer(x, mask)
         candidates = mask[0].cpu()
         for target in TARGETS:
-            scores = patch_scores(reconstruction, x, patch, normalized_target=target == "normalized")[0].cpu()
-            top = scores.masked_fill(~candidates, -math.inf).topk(k).indices
+            scores = masked_patch_errors(scorer, x, mask, patch, target)
+            top = hardest_patches(scores, k, candidates=mask)[0].cpu()
             sums[target] += [
                 body[top].mean().item(),
                 organs[top].mean().item(),
@@ -142,7 +147,7 @@ def topk_statistics(
 
 def pretrain_network(settings) -> AnatoMaskPretrainModel:
     """The demo's pretraining network (the bundle's defaults with the demo's depths and widths)."""
-    return AnatoMaskPretrainModel(1, depths=list(settings["depths"]), dims=list(settings["dims"]))
+    return AnatoMaskPretrainModel(STUNet(1, 1, depths=list(settings["depths"]), dims=list(settings["dims"])))
 
 
 def load_teacher(run_folder: Path, settings) -> AnatoMaskPretrainModel:
@@ -204,18 +209,17 @@ def figure_slices(
         )
 
     raw_scores = {
-        name: patch_scores(scorer.to(device).eval()(x, mask), x, patch)
+        name: masked_patch_errors(scorer.to(device).eval(), x, mask, patch)
         for name, scorer in (("teacher_scores", teacher), ("untrained_scores", untrained))
     }
     maps = {name: per_voxel(scores.masked_fill(~mask, math.nan)) for name, scores in raw_scores.items()}
-    teacher_scores = raw_scores["teacher_scores"].masked_fill(~mask, 0.0)
+    teacher_scores = raw_scores["teacher_scores"]
     generator = torch.Generator(device=device).manual_seed(seed)
     final = reconstruction_guided_mask(
         teacher_scores, mask_ratio, hard_ratio, candidates=mask, generator=generator
     )
     k = num_hard(num_masked(mask.shape[1], mask_ratio), hard_ratio)
-    hard = torch.zeros_like(mask)
-    hard.scatter_(1, teacher_scores.masked_fill(~mask, -math.inf).topk(k, dim=1).indices, True)
+    hard = hardest_patches(teacher_scores, k, candidates=mask)
     student = student.to(device).eval()
     reconstruction = paste_reconstruction(student(x, final), x, final, patch)[0, 0].cpu().numpy()
     z = int(np.argmax((case.labels > 0).sum(axis=(0, 1))))

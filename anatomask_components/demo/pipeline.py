@@ -31,7 +31,9 @@ __all__ = ["BUNDLES_DIR", "DemoError", "prepare_bundle", "run_bundle", "run_demo
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 PRETRAIN_BUNDLE = "anatomask_pretrain"
 FINETUNE_BUNDLE = "anatomask_finetune_flare22"
-PRETRAIN_RUNS = {"spark": "random", "anatomask": "anatomask"}  # run name -> masking
+# run name -> the pretraining bundle's override of its method (SparK: the RandomMasking strategy), or None for
+# the bundle's defaults (AnatoMask's TeacherReconstructionMasking)
+PRETRAIN_RUNS = {"spark": "train_spark.json", "anatomask": None}
 FINETUNE_INITS = ("scratch", "spark", "anatomask")
 # FLARE22 ids of the organs that case C holds and the demo's target averages (liver, spleen, stomach, aorta)
 CURVE_ORGANS = {1: "liver", 3: "spleen", 11: "stomach", 5: "aorta"}
@@ -73,15 +75,18 @@ def _network_override(settings: DemoSettings) -> dict[str, Any]:
 
 
 def pretrain_override(
-    settings: DemoSettings, masking: str, datalist: Path, cache_dir: Path | None = None
+    settings: DemoSettings, run: str, datalist: Path, cache_dir: Path | None = None
 ) -> dict[str, Any]:
-    """The pretraining bundle's settings for one demo run (``masking``: ``"random"`` or ``"anatomask"``;
-    ``cache_dir``: a preprocessing cache shared by the runs, which preprocess identically)."""
+    """The pretraining bundle's settings for one demo run (``run``: ``"spark"`` or ``"anatomask"``, whose
+    method override of :data:`PRETRAIN_RUNS` they include; ``cache_dir``: a preprocessing cache shared by the
+    runs, which preprocess identically)."""
+    method = PRETRAIN_RUNS[run]
+    configs = BUNDLES_DIR / PRETRAIN_BUNDLE / "configs"
     return {
+        **(json.loads((configs / method).read_text(encoding="utf-8")) if method is not None else {}),
         **_network_override(settings),
         **({"cache_dir": str(cache_dir)} if cache_dir is not None else {}),
         "datalist": str(datalist),
-        "masking": masking,
         "mask_ratio": settings.mask_ratio,
         "hard_ratio_end": settings.hard_ratio_end,
         "max_epochs": settings.pretrain_epochs,
@@ -311,18 +316,27 @@ def run_demo(
     # the examples were just rewritten, so an earlier demo's preprocessed volumes can never be hits
     shutil.rmtree(output / "cache", ignore_errors=True)
     flare_datalist = data / "datalists" / "flare22.json"
+    # fine-tuning trains on A, and on B's aorta where the settings say so (its other organs out of the loss)
+    finetune_datalist = (
+        data / "datalists" / ("flare22_partial.json" if settings.partial_case_b else "flare22.json")
+    )
     test_scan = data / "images" / "C_ct_dicom"
 
     stages: list[StageResult] = []
     step = 1
-    for run, masking in PRETRAIN_RUNS.items():
+    for run, method in PRETRAIN_RUNS.items():
         step += 1
         name = f"pretrain_{run}"
-        announce(step, name, f"{settings.pretrain_iterations} iterations, masking={masking}")
+        announce(
+            step,
+            name,
+            f"{settings.pretrain_iterations} iterations, "
+            + (f"the bundle's configs/{method}" if method else "the bundle's AnatoMask masking"),
+        )
         folder = prepare_bundle(
             BUNDLES_DIR / PRETRAIN_BUNDLE,
             output / name,
-            pretrain_override(settings, masking, pretrain_datalist, output / "cache" / "pretrain"),
+            pretrain_override(settings, run, pretrain_datalist, output / "cache" / "pretrain"),
         )
         result = run_bundle(
             folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
@@ -350,7 +364,10 @@ def run_demo(
         name = f"finetune_{init}"
         encoder = output / f"pretrain_{init}" / "models" / "encoder.pt" if init != "scratch" else None
         announce(
-            step, name, f"FLARE22 bundle on case A, {settings.finetune_iterations} iterations, init {init}"
+            step,
+            name,
+            f"FLARE22 bundle on case A{' and the aorta of case B' if settings.partial_case_b else ''}, "
+            f"{settings.finetune_iterations} iterations, init {init}",
         )
         # every run normalises CT with the pretraining set's statistics (the encoders carry them)
         fingerprint = (
@@ -360,7 +377,7 @@ def run_demo(
             BUNDLES_DIR / FINETUNE_BUNDLE,
             output / name,
             finetune_override(
-                settings, flare_datalist, test_scan, encoder, output / "cache" / "finetune", fingerprint
+                settings, finetune_datalist, test_scan, encoder, output / "cache" / "finetune", fingerprint
             ),
         )
         result = run_bundle(

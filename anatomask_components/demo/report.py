@@ -98,7 +98,7 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
             "Pretraining",
             "masked-patch MSE",
         ),
-        (axes[1], [f"finetune_{i}" for i in INIT_LABELS], INIT_LABELS, "Fine-tuning on case A", "Dice + CE"),
+        (axes[1], [f"finetune_{i}" for i in INIT_LABELS], INIT_LABELS, "Fine-tuning", "Dice + CE"),
     ):
         for run, label, colour in zip(runs, labels.values(), _tab20(6)[::2]):
             log = _training_log(results, run)
@@ -464,7 +464,7 @@ def _tables(
         ],
         [
             "fine-tuning",
-            f"{iterations['finetune']} iterations on case A (1 crop per step), AdamW lr {settings['finetune_lr']:g}, validation on A every {settings['val_interval']} epochs of {settings['iterations_per_epoch']}",
+            f"{iterations['finetune']} iterations on case A{' and case B (aorta only; its other organs out of the loss)' if settings.get('partial_case_b') else ''} (1 crop per step), AdamW lr {settings['finetune_lr']:g}, validation on A every {settings['val_interval']} epochs of {settings['iterations_per_epoch']}",
             "paper: 1000 epochs x 250 iterations, lr 1e-4, 50 labelled scans",
         ],
         [
@@ -648,8 +648,14 @@ def _target_findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> lis
     organ_hu = results.get("curves", {}).get("organ_hu")
     if organ_hu:
         lines.append(
-            "What limits the result, measured: one labelled training case (A), non-contrast, against a "
-            "contrast-enhanced test case (C); median HU of the organs in A / C: "
+            "What limits the result, measured: one fully labelled training case (A), non-contrast, against a "
+            "contrast-enhanced test case (C)"
+            + (
+                " (case B, a CT angiography, adds only its aorta, at arterial-phase contrast)"
+                if _settings(results).partial_case_b
+                else ""
+            )
+            + "; median HU of the organs in A / C: "
             + ", ".join(
                 f"{o} {organ_hu['A'].get(o, float('nan')):.0f} / {organ_hu['C'].get(o, float('nan')):.0f}"
                 for o in organs
@@ -671,7 +677,8 @@ def _scale_note(results: dict[str, Any]) -> list[str]:
         f"{PAPER_PRETRAIN_SAMPLES:,} pretraining samples (1000 epochs x 1204 scans), each a "
         f"{'x'.join(map(str, settings['roi_size']))} crop through a network of a few million parameters instead of "
         f"112x112x128 through STU-Net-B; it fine-tunes for {_settings(results).finetune_iterations} "
-        "iterations on one scan whose labels are TotalSegmentator's predictions (not manual labels; FLARE22 has "
+        f"iterations on one scan{' (and the aorta of a second)' if _settings(results).partial_case_b else ''} whose "
+        "labels are TotalSegmentator's predictions (not manual labels; FLARE22 has "
         "50 labelled scans) and tests on one 20-slice series, on the CPU in minutes. The table therefore shows "
         "that the pipeline works end to end on real CT and what each stage produces, not the effect the paper "
         "reports.",

@@ -31,6 +31,8 @@ class DemoSettings:
             that a few hundred iterations learn visibly).
         finetune_epochs, iterations_per_epoch, val_interval: fine-tuning length and validation interval; a
             a checkpoint is kept every ``curve_every_epochs`` for the DSC-against-iterations curve on case C.
+        partial_case_b: fine-tune on case B's aorta too (the examples' ``flare22_partial.json``): a
+            contrast-enhanced CT angiography whose other organs are unlabelled and kept out of the loss.
         finetune_lr: AdamW learning rate of fine-tuning (paper: 1e-4; 1e-3 here, for the same reason).
         enhance_prob: probability of the simulated contrast enhancement (``augmentation#enhance_prob``, off
             in the bundles): case A is non-contrast, case C portal venous.
@@ -56,6 +58,7 @@ class DemoSettings:
     iterations_per_epoch: int = 25
     val_interval: int = 4
     finetune_lr: float = 1e-3
+    partial_case_b: bool = True
     enhance_prob: float = 0.3
     curve_every_epochs: int = 2
     sw_overlap: float = 0.5

@@ -1,9 +1,12 @@
 """What the pretraining and fine-tuning code asks of a network, declared beside the networks.
 
-- :class:`PretrainingNetwork`: the protocol of a pretraining network (the sparse STU-Net of
+- :class:`PretrainingNetwork`: the protocol of a pretraining network (the sparse CNN encoder of
   :class:`~anatomask_components.networks.AnatoMaskPretrainModel` and the ViT masked autoencoder
   :class:`~anatomask_components.networks.MAEPretrainModel`). The iteration, the HPM teacher, the exporter,
   the difficulty scorer and the reconstruction inference use nothing else of it.
+- :class:`PretrainingBackbone`: what a dense CNN offers the sparse pretraining encoder
+  (:class:`~anatomask_components.networks.SparseEncoder`): its encoder stages, their strides and widths
+  (:class:`~anatomask_components.networks.STUNet` in the bundles; any CNN whose blocks have a sparse rule).
 - :class:`FineTuningContract`: how a fine-tuning network takes pretrained weights: the keys of its
   convolutions that read the input image, and the map from a checkpoint's keys to its own (as timm's
   ``checkpoint_filter_fn`` and MONAI's ``filter_func`` sit beside their models).
@@ -25,6 +28,7 @@ import torch.nn as nn
 __all__ = [
     "FineTuningContract",
     "KeyMap",
+    "PretrainingBackbone",
     "PretrainingNetwork",
     "fine_tuning_contract",
     "register_fine_tuning_contract",
@@ -84,6 +88,36 @@ class PretrainingNetwork(Protocol):
     def predict_patch_losses(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class PretrainingBackbone(Protocol):
+    """A dense CNN whose encoder the sparse masked-image-modelling pretraining runs (SparK's "any CNN").
+
+    Members:
+
+    - ``in_channels``: the channels of the input image.
+    - ``encoder_stages``: the encoder stages, finest first, an ``nn.ModuleList`` registered on the backbone
+      itself: its name there gives the pretrained encoder's keys (``conv_blocks_context.*`` for STU-Net), so
+      the exported encoder loads into the fine-tuning network. Every block in it needs a sparse rule
+      (:func:`~anatomask_components.networks.sparse.register_sparse_rule`); plain ``nn.Sequential``,
+      ``nn.Conv3d``, ``nn.InstanceNorm3d`` and ``nn.LeakyReLU`` layers have one.
+    - ``encoder_strides``: the stride of each stage relative to its input, one ``(s0, s1, s2)`` per stage.
+    - ``encoder_widths``: the output channels of each stage.
+
+    ``isinstance(backbone, PretrainingBackbone)`` checks that the members exist.
+    """
+
+    in_channels: int
+
+    @property
+    def encoder_stages(self) -> nn.ModuleList: ...
+
+    @property
+    def encoder_strides(self) -> Sequence[tuple[int, int, int]]: ...
+
+    @property
+    def encoder_widths(self) -> Sequence[int]: ...
 
 
 # ``{network key: file key}`` from the keys of a checkpoint

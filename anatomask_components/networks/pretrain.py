@@ -1,4 +1,4 @@
-"""AnatoMask / SparK pretraining network: sparse STU-Net encoder, densify, reconstruction decoder."""
+"""AnatoMask / SparK pretraining network: sparse encoder of a CNN, densify step, reconstruction decoder."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn as nn
 
-from anatomask_components.networks.contract import PretrainingNetwork
+from anatomask_components.networks.contract import PretrainingBackbone, PretrainingNetwork
 from anatomask_components.networks.decoders import LightDecoder, PatchLossHead, SimpleDecoder
-from anatomask_components.networks.sparse import (
-    Backend,
-    NormPooling,
-    SparseSTUNetEncoder,
-    masked_instance_norm,
-)
-from anatomask_components.networks.stunet import STUNet
+from anatomask_components.networks.sparse import Backend, NormPooling, SparseEncoder, masked_instance_norm
 from anatomask_components.patches import mask_to_visible_grid, patch_grid, patchify
 
 __all__ = ["AnatoMaskPretrainModel"]
@@ -26,17 +20,17 @@ ENCODER_PREFIX = "sparse_encoder.sp_cnn."
 
 
 class AnatoMaskPretrainModel(nn.Module):
-    """Sparse STU-Net encoder with SparK's densify step and a reconstruction decoder.
+    """Sparse encoder of a CNN backbone with SparK's densify step and a reconstruction decoder.
 
-    A :class:`~anatomask_components.networks.contract.PretrainingNetwork`.
+    A :class:`~anatomask_components.networks.contract.PretrainingNetwork`. The backbone is any dense CNN
+    that declares its encoder (:class:`~anatomask_components.networks.contract.PretrainingBackbone`), as
+    SparK's encoder wraps any CNN: a STU-Net in the bundles, ``STUNet(in_channels, 1, size="B")``.
 
     Args:
-        in_channels: input channels (1 for CT).
-        size: STU-Net preset (``S``, ``B``, ``L``, ``H``) unless ``depths`` and ``dims`` are given.
-        depths: blocks per stage of a custom STU-Net.
-        dims: widths per stage of a custom STU-Net.
-        strides: STU-Net strides (default: the TotalSegmentator plan).
-        num_stages: encoder stages to pretrain: 5 (reference, total stride 16) or all 6.
+        backbone: the dense network whose encoder stages are pretrained; only those stages are kept
+            (under ``sparse_encoder.sp_cnn.`` with the backbone's own names). The input channels are its.
+        num_stages: encoder stages to pretrain, the first ones of the backbone: for STU-Net 5 (reference,
+            total stride 16) or all 6.
         decoder: ``"hierarchical"`` (SparK's LightDecoder fed by 4 densified levels) or ``"simple"``
             (two conv blocks on the deepest features, paper Table 1).
         backend: sparse encoder backend, ``"auto"`` (per call, the faster for the device, the pass and the
@@ -44,8 +38,9 @@ class AnatoMaskPretrainModel(nn.Module):
             ``"dense"`` (masked dense convolutions) or ``"spconv"``.
         norm_pooling: sparse instance-norm statistics over the batch (reference) or per ``"sample"``.
         hierarchy: number of densified levels fed to the hierarchical decoder.
-        encoder_init: ``"pytorch"`` keeps PyTorch's default initialisation of the encoder convolutions
-            (reference pretraining), ``"he"`` nnU-Net's He initialisation (what a fine-tuning STU-Net gets).
+        encoder_init: ``"pytorch"`` re-initialises the convolutions of the backbone's encoder stages with
+            PyTorch's default (reference pretraining), ``"he"`` keeps the backbone's own initialisation
+            (STU-Net: nnU-Net's He initialisation, what a fine-tuning STU-Net gets).
         densify_init: the densify projections: ``"pytorch"`` default (reference) or ``"trunc_normal"``
             (std 0.02, zero bias, as SparK's decoder).
         densify_norm_eps: epsilon of the densify normalisation (reference 1e-6; PyTorch's default 1e-5).
@@ -63,11 +58,7 @@ class AnatoMaskPretrainModel(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        size: str = "B",
-        depths: Sequence[int] | None = None,
-        dims: Sequence[int] | None = None,
-        strides: Sequence[Sequence[int] | int] | None = None,
+        backbone: PretrainingBackbone,
         num_stages: int = 5,
         decoder: Literal["hierarchical", "simple"] = "hierarchical",
         backend: Backend = "auto",
@@ -83,16 +74,16 @@ class AnatoMaskPretrainModel(nn.Module):
             raise ValueError(f"encoder_init must be 'pytorch' or 'he', got {encoder_init!r}.")
         if densify_init not in ("pytorch", "trunc_normal"):
             raise ValueError(f"densify_init must be 'pytorch' or 'trunc_normal', got {densify_init!r}.")
-        stunet = STUNet(in_channels, 1, size=size, depths=depths, dims=dims, strides=strides)
         if encoder_init == "pytorch":
             # STUNet applies He at construction (right for fine-tuning); the reference pretrains from
-            # PyTorch's default initialisation
-            for m in stunet.conv_blocks_context.modules():
+            # PyTorch's default initialisation. Every stage, pretrained or not: a seed's random draws then
+            # do not depend on num_stages.
+            for m in backbone.encoder_stages.modules():
                 if isinstance(m, nn.Conv3d):
                     m.reset_parameters()
-        self.in_channels = in_channels
+        in_channels = self.in_channels = backbone.in_channels
         self.norm_pooling = norm_pooling
-        self.sparse_encoder = SparseSTUNetEncoder.from_stunet(stunet, num_stages, backend, norm_pooling)
+        self.sparse_encoder = SparseEncoder(backbone, num_stages, backend, norm_pooling)
         cumulative = self.sparse_encoder.cumulative_strides
         widths = self.sparse_encoder.widths
         patch = self.patch_size
@@ -223,7 +214,7 @@ class AnatoMaskPretrainModel(nn.Module):
         return self._predict_losses(self.densify(x, mask))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The pretrained encoder under official STU-Net keys (``conv_blocks_context.*``)."""
+        """The pretrained encoder under the backbone's keys (STU-Net: ``conv_blocks_context.*``)."""
         return {k: v.detach().clone() for k, v in self.sparse_encoder.sp_cnn.state_dict().items()}
 
 

@@ -1,7 +1,12 @@
-"""Sparse STU-Net encoder for masked image modelling (SparK style, docs/method.md §4).
+"""Sparse encoder for masked image modelling (SparK style, docs/method.md §4).
 
-The encoder runs the unmodified STU-Net stage modules (so its state dict keeps the official key
-names under ``sp_cnn.``) on only the visible voxels. Two interchangeable backends compute it:
+The encoder runs the unmodified encoder stages of a dense CNN backbone
+(:class:`~anatomask_components.networks.contract.PretrainingBackbone`; STU-Net in the bundles) on only the
+visible voxels; its state dict keeps the backbone's own key names under ``sp_cnn.``. How a block runs
+sparsely is its *sparse rule*, looked up by the block's class (:func:`register_sparse_rule`): plain
+``nn.Sequential``, ``nn.Conv3d``, ``nn.InstanceNorm3d`` and ``nn.LeakyReLU`` layers have rules here, a
+network's own blocks register theirs beside the network (STU-Net's ``BasicResBlock`` in
+:mod:`~anatomask_components.networks.stunet`). Two interchangeable backends compute every rule:
 
 - ``"dense"``: masked dense convolution. Every convolution output is multiplied by the visible mask
   at its resolution, so masked positions stay exactly zero. Fast on GPUs, any device.
@@ -17,27 +22,29 @@ explicit argument of every call; nothing is kept in module-level state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anatomask_components.networks.stunet import BasicResBlock, STUNet
+from anatomask_components.networks.contract import PretrainingBackbone
 
 __all__ = [
     "SPCONV_FROM_MASKED_FRACTION",
-    "STUNetEncoder",
-    "SparseSTUNetEncoder",
+    "SparseContext",
+    "SparseEncoder",
     "masked_instance_norm",
+    "register_sparse_rule",
+    "sparse_rule",
     "upsample_patch_mask",
 ]
 
 NormPooling = Literal["batch", "sample"]
 Backend = Literal["dense", "spconv", "auto"]
-LEAKY_SLOPE = 0.01
+Stride = tuple[int, int, int]
 # The "auto" backend's rule, per device type and pass ("train": forward and backward, as the student runs;
 # "inference": forward without autograd, as the EMA teacher runs): the smallest masked fraction from which
 # spconv was measured faster than masked dense convolution (benchmarks/encoder_backends.py, with
@@ -139,19 +146,6 @@ def masked_instance_norm(
     return _MaskedInstanceNorm.apply(x, mask.to(dtype), weight, bias, norm.eps, dims)
 
 
-class STUNetEncoder(nn.Module):
-    """The first ``num_stages`` encoder stages of a STU-Net, under their official key names."""
-
-    def __init__(self, stages: Sequence[nn.Sequential], strides: Sequence[Sequence[int]]) -> None:
-        super().__init__()
-        self.conv_blocks_context = nn.ModuleList(stages)
-        self.strides = [tuple(s) for s in strides]
-
-    @property
-    def widths(self) -> list[int]:
-        return [stage[-1].conv2.out_channels for stage in self.conv_blocks_context]
-
-
 @dataclass
 class _SparseLevel:
     """Active voxels of one resolution, in a fixed (row-major) order shared by all tensors there."""
@@ -196,6 +190,9 @@ class _MaskedDenseBackend:
     ) -> torch.Tensor:
         # the masked norm reads only visible voxels and zeroes the rest: no separate mask after the conv
         return masked_instance_norm(conv(x), mask_out, norm, self.norm_pooling)
+
+    def norm(self, norm: nn.InstanceNorm3d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_instance_norm(x, mask, norm, self.norm_pooling)
 
 
 class _SpconvBackend:
@@ -300,15 +297,154 @@ class _SpconvBackend:
         return y
 
 
-class SparseSTUNetEncoder(nn.Module):
-    """STU-Net encoder that sees only the visible patches.
+# rule(context, block, features, stride) -> (features, stride): a block on the visible voxels
+SparseRule = Callable[["SparseContext", Any, torch.Tensor, Stride], tuple[torch.Tensor, Stride]]
+_SPARSE_RULES: dict[type[nn.Module], SparseRule] = {}
+
+
+def register_sparse_rule(module_type: type[nn.Module], rule: SparseRule) -> None:
+    """Declare how blocks of ``module_type`` run on the visible voxels only.
+
+    The rule applies to that class exactly, not to its subclasses (a subclass may compute something else).
+    ``rule(context, block, features, stride)`` computes the block with the operations of
+    :class:`SparseContext`, which run on the encoder's current backend, and returns the block's output
+    features and their cumulative stride. Elementwise operations that keep zero at zero (sums of features
+    of one resolution, LeakyReLU) may be applied to the features directly.
 
     Args:
-        encoder: the STU-Net stages to run, under ``sp_cnn`` (official key names below it).
+        module_type: the block's class.
+        rule: the sparse computation of such a block.
+    """
+    _SPARSE_RULES[module_type] = rule
+
+
+def sparse_rule(module: nn.Module) -> SparseRule:
+    """The sparse rule of ``module``'s class.
+
+    Raises:
+        TypeError: no rule is registered for that class.
+    """
+    rule = _SPARSE_RULES.get(type(module))
+    if rule is None:
+        cls = type(module)
+        raise TypeError(
+            f"the sparse encoder has no rule for {cls.__module__}.{cls.__qualname__}: declare how it runs on "
+            f"the visible voxels with anatomask_components.networks.sparse.register_sparse_rule("
+            f"{cls.__qualname__}, rule) beside the network, or build the block from nn.Sequential, "
+            "nn.Conv3d, nn.InstanceNorm3d and nn.LeakyReLU layers, which have rules."
+        )
+    return rule
+
+
+def _strided(stride: Stride, step: Sequence[int]) -> Stride:
+    return tuple(s * int(v) for s, v in zip(stride, step))
+
+
+class SparseContext:
+    """One forward of the sparse encoder: its backend and the visible sites of every resolution.
+
+    Sparse rules compute with its operations. Features are the backend's: dense ``(B, C, H_i, W_i, D_i)``
+    tensors that are zero at masked positions (``"dense"``), or ``(N_i, C)`` rows, one per visible voxel
+    (``"spconv"``); each at a cumulative stride ``(s0, s1, s2)`` relative to the input.
+
+    Args:
+        backend: the backend of this forward.
+        masks: cumulative stride -> ``(B, 1, H_i, W_i, D_i)`` bool visibility
+            (:meth:`SparseEncoder.visible_masks`), including the patch mask at ``patch_size``; masks of other
+            strides are made from the patch mask when a rule first reaches them.
+        patch_size: the mask unit.
+    """
+
+    def __init__(self, backend, masks: dict[Stride, torch.Tensor], patch_size: Stride) -> None:
+        self.backend = backend
+        self.masks = dict(masks)
+        self.patch_size = patch_size
+        self._levels: dict[Stride, Any] = {}
+
+    def level(self, stride: Stride):
+        """The backend's visible sites at ``stride``."""
+        if stride not in self._levels:
+            if stride not in self.masks:
+                if any(p % s for p, s in zip(self.patch_size, stride)):
+                    raise ValueError(f"a stride of {stride} does not divide the mask unit {self.patch_size}.")
+                factor = [p // s for p, s in zip(self.patch_size, stride)]
+                self.masks[stride] = upsample_patch_mask(self.masks[self.patch_size], factor)
+            self._levels[stride] = self.backend.level(self.masks[stride])
+        return self._levels[stride]
+
+    def run(self, module: nn.Module, features: torch.Tensor, stride: Stride) -> tuple[torch.Tensor, Stride]:
+        """``module`` on the visible voxels, by its sparse rule: its output features and their stride."""
+        return sparse_rule(module)(self, module, features, stride)
+
+    def conv(self, conv: nn.Conv3d, features: torch.Tensor, stride: Stride) -> tuple[torch.Tensor, Stride]:
+        """A convolution computed at the visible sites of its output resolution: features and their stride."""
+        out = _strided(stride, conv.stride)
+        return self.backend.conv(conv, features, self.level(stride), self.level(out)), out
+
+    def conv_norm(
+        self, conv: nn.Conv3d, norm: nn.InstanceNorm3d, features: torch.Tensor, stride: Stride
+    ) -> tuple[torch.Tensor, Stride]:
+        """:meth:`conv` then :meth:`norm`, in one step (masked dense convolution masks once)."""
+        out = _strided(stride, conv.stride)
+        return self.backend.conv_norm(conv, norm, features, self.level(stride), self.level(out)), out
+
+    def norm(self, norm: nn.InstanceNorm3d, features: torch.Tensor, stride: Stride) -> torch.Tensor:
+        """Instance norm with the statistics of the visible voxels (pooled as ``norm_pooling``)."""
+        return self.backend.norm(norm, features, self.level(stride))
+
+
+def _sequential_rule(context: SparseContext, sequential: nn.Sequential, features, stride):
+    for layer in sequential:
+        features, stride = context.run(layer, features, stride)
+    return features, stride
+
+
+def _conv_rule(context: SparseContext, conv: nn.Conv3d, features, stride):
+    return context.conv(conv, features, stride)
+
+
+def _instance_norm_rule(context: SparseContext, norm: nn.InstanceNorm3d, features, stride):
+    return context.norm(norm, features, stride), stride
+
+
+def _leaky_relu_rule(context: SparseContext, activation: nn.LeakyReLU, features, stride):
+    # out of place whatever the module says: the input may be a stage's output, which is returned too
+    return F.leaky_relu(features, activation.negative_slope), stride
+
+
+register_sparse_rule(nn.Sequential, _sequential_rule)
+register_sparse_rule(nn.Conv3d, _conv_rule)
+register_sparse_rule(nn.InstanceNorm3d, _instance_norm_rule)
+register_sparse_rule(nn.LeakyReLU, _leaky_relu_rule)
+
+
+def _check_sparse_rules(module: nn.Module, path: str) -> None:
+    """Raise a missing rule at construction rather than at the first forward."""
+    try:
+        sparse_rule(module)
+    except TypeError as err:
+        raise TypeError(f"{path}: {err}") from None
+    if type(module) is nn.Sequential:  # its rule runs the children by theirs
+        for name, child in module.named_children():
+            _check_sparse_rules(child, f"{path}.{name}")
+
+
+class SparseEncoder(nn.Module):
+    """The encoder of a dense CNN backbone, seeing only the visible patches (SparK's ``SparseEncoder``).
+
+    Args:
+        backbone: a :class:`~anatomask_components.networks.contract.PretrainingBackbone`. Its first
+            ``num_stages`` encoder stages run here (its modules, not copies) and are kept under ``sp_cnn``
+            with the backbone's own names (``sp_cnn.conv_blocks_context.*`` for STU-Net); the rest of the
+            backbone is not kept.
+        num_stages: encoder stages to run, the first ones (None: all).
         backend: ``"dense"`` (masked dense convolution), ``"spconv"`` (submanifold sparse convolution) or
             ``"auto"`` (per call, the faster of the two for the device and masked fraction).
         norm_pooling: ``"batch"`` pools the instance-norm statistics over the active voxels of the
             whole batch (reference); ``"sample"`` computes them per sample.
+
+    Raises:
+        TypeError: a block of the stages has no sparse rule (:func:`register_sparse_rule`).
 
     Forward input: ``x`` ``(B, C, H, W, D)`` and ``visible`` ``(B, 1, h, w, d)`` bool patch mask,
     where ``(H, W, D) = (h, w, d) * patch_size``; optionally ``masks``, the output of
@@ -319,32 +455,39 @@ class SparseSTUNetEncoder(nn.Module):
 
     def __init__(
         self,
-        encoder: STUNetEncoder,
+        backbone: PretrainingBackbone,
+        num_stages: int | None = None,
         backend: Backend = "dense",
         norm_pooling: NormPooling = "batch",
     ) -> None:
         super().__init__()
         if norm_pooling not in ("batch", "sample"):
             raise ValueError(f"norm_pooling must be 'batch' or 'sample', got {norm_pooling!r}.")
-        self.sp_cnn = encoder
+        stages = backbone.encoder_stages
+        num_stages = len(stages) if num_stages is None else num_stages
+        if not 1 <= num_stages <= len(stages):
+            raise ValueError(f"num_stages must be in [1, {len(stages)}], got {num_stages}.")
+        name = next((n for n, m in backbone.named_children() if m is stages), None)
+        if name is None:
+            raise ValueError(
+                f"{type(backbone).__name__}.encoder_stages must be an nn.ModuleList registered on the "
+                "backbone itself: its name there gives the keys of the pretrained encoder."
+            )
+        for i, stage in enumerate(stages[:num_stages]):
+            _check_sparse_rules(stage, f"{name}.{i}")
+        # SparK's name for the wrapped CNN; below it the backbone's names, shared by the fine-tuning network
+        self.sp_cnn = nn.Module()
+        self.sp_cnn.add_module(name, stages[:num_stages])
+        self.stages_name = name
+        self.stage_strides = [tuple(int(v) for v in s) for s in backbone.encoder_strides[:num_stages]]
+        self.widths = [int(w) for w in backbone.encoder_widths[:num_stages]]
         self.norm_pooling = norm_pooling
         self.backend = backend
 
-    @classmethod
-    def from_stunet(
-        cls,
-        stunet: STUNet,
-        num_stages: int = 5,
-        backend: Backend = "dense",
-        norm_pooling: NormPooling = "batch",
-    ) -> SparseSTUNetEncoder:
-        """Take the first ``num_stages`` encoder stages of ``stunet`` (its modules, not copies)."""
-        n_total = len(stunet.conv_blocks_context)
-        if not 1 <= num_stages <= n_total:
-            raise ValueError(f"num_stages must be in [1, {n_total}], got {num_stages}.")
-        stages = list(stunet.conv_blocks_context[:num_stages])
-        strides = [(1, 1, 1)] + [tuple(s) for s in stunet.strides[: num_stages - 1]]
-        return cls(STUNetEncoder(stages, strides), backend=backend, norm_pooling=norm_pooling)
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The encoder stages this encoder runs, finest first."""
+        return self.sp_cnn.get_submodule(self.stages_name)
 
     @property
     def backend(self) -> str:
@@ -376,24 +519,20 @@ class SparseSTUNetEncoder(nn.Module):
         return "spconv" if self._backends["spconv"] is not None else "dense"
 
     @property
-    def cumulative_strides(self) -> list[tuple[int, int, int]]:
+    def cumulative_strides(self) -> list[Stride]:
         """Downsampling factor of each stage's output relative to the input."""
         out, total = [], (1, 1, 1)
-        for s in self.sp_cnn.strides:
-            total = tuple(t * v for t, v in zip(total, s))
+        for s in self.stage_strides:
+            total = _strided(total, s)
             out.append(total)
         return out
 
     @property
-    def patch_size(self) -> tuple[int, int, int]:
-        """Mask unit: the total stride of the encoder (16^3 for the 5-stage pretraining encoder)."""
+    def patch_size(self) -> Stride:
+        """Mask unit: the total stride of the encoder (16^3 for the 5-stage pretraining STU-Net)."""
         return self.cumulative_strides[-1]
 
-    @property
-    def widths(self) -> list[int]:
-        return self.sp_cnn.widths
-
-    def visible_masks(self, visible: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
+    def visible_masks(self, visible: torch.Tensor) -> dict[Stride, torch.Tensor]:
         """The patch mask repeated to every resolution of the encoder, built once per forward.
 
         Args:
@@ -412,7 +551,7 @@ class SparseSTUNetEncoder(nn.Module):
         self,
         x: torch.Tensor,
         visible: torch.Tensor,
-        masks: dict[tuple[int, int, int], torch.Tensor] | None = None,
+        masks: dict[Stride, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         patch = self.patch_size
         grid = tuple(s // p for s, p in zip(x.shape[2:], patch))
@@ -422,24 +561,13 @@ class SparseSTUNetEncoder(nn.Module):
                 f"mask of shape (B, 1, *{grid}), got {tuple(visible.shape)}."
             )
         backend = self._backends[self.resolved_backend(visible)]
-        if masks is None:
-            masks = self.visible_masks(visible)
-        levels = {stride: backend.level(m) for stride, m in masks.items()}
-        level_in = levels[(1, 1, 1)]
-        h = backend.from_dense(x, level_in)
+        context = SparseContext(backend, self.visible_masks(visible) if masks is None else masks, patch)
+        stride = (1, 1, 1)
+        h = backend.from_dense(x, context.level(stride))
         features = []
-        for stage, stride in zip(self.sp_cnn.conv_blocks_context, self.cumulative_strides):
-            level_out = levels[stride]
-            for block in stage:
-                h = self._block(backend, block, h, level_in, level_out)
-                level_in = level_out
-            features.append(backend.to_dense(h, level_out))
+        for i, (stage, declared) in enumerate(zip(self.stages, self.cumulative_strides)):
+            h, stride = context.run(stage, h, stride)
+            if stride != declared:
+                raise ValueError(f"stage {i} ends at stride {stride}; the backbone declares {declared}.")
+            features.append(backend.to_dense(h, context.level(stride)))
         return features
-
-    @staticmethod
-    def _block(be, block: BasicResBlock, h, level_in, level_out):
-        # in-place activations on fresh tensors: autograd keeps one copy instead of input and output
-        y = F.leaky_relu(be.conv_norm(block.conv1, block.norm1, h, level_in, level_out), LEAKY_SLOPE, True)
-        y = be.conv_norm(block.conv2, block.norm2, y, level_out, level_out)
-        shortcut = be.conv(block.conv3, h, level_in, level_out) if block.conv3 is not None else h
-        return F.leaky_relu(y + shortcut, LEAKY_SLOPE, True)

@@ -8,12 +8,18 @@ Module names reproduce the official implementation so that released checkpoints 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anatomask_components.networks.contract import filter_by_key_map, strip_wrapper_prefixes
+from anatomask_components.networks.contract import (
+    PretrainingBackbone,
+    filter_by_key_map,
+    strip_wrapper_prefixes,
+)
+from anatomask_components.networks.sparse import SparseContext, Stride, register_sparse_rule
 
 __all__ = [
     "STUNET_INPUT_CONV_KEYS",
@@ -138,6 +144,21 @@ class BasicResBlock(nn.Module):
         return self.act2(y + shortcut)
 
 
+def _sparse_basic_res_block(
+    context: SparseContext, block: BasicResBlock, h: torch.Tensor, stride: Stride
+) -> tuple[torch.Tensor, Stride]:
+    """:class:`BasicResBlock` on the visible voxels (its sparse rule, see ``networks.sparse``)."""
+    # in-place activations on fresh tensors: autograd keeps one copy instead of input and output
+    y, out_stride = context.conv_norm(block.conv1, block.norm1, h, stride)
+    y = F.leaky_relu(y, block.act1.negative_slope, True)
+    y, _ = context.conv_norm(block.conv2, block.norm2, y, out_stride)
+    shortcut = context.conv(block.conv3, h, stride)[0] if block.conv3 is not None else h
+    return F.leaky_relu(y + shortcut, block.act2.negative_slope, True), out_stride
+
+
+register_sparse_rule(BasicResBlock, _sparse_basic_res_block)
+
+
 class UpsampleNearest(nn.Module):
     """Nearest-neighbour upsampling followed by a 1x1 convolution (STU-Net's decoder upsampling)."""
 
@@ -185,10 +206,13 @@ class STUNet(nn.Module):
     Input: ``(B, in_channels, H, W, D)`` with each spatial size divisible by the total stride.
     Output: ``(B, out_channels, H, W, D)`` logits, or a list of logits at decreasing resolution.
 
-    The network is scriptable (``torch.jit.script``, as MONAI's ``ckpt_export`` runs it).
+    The network is scriptable (``torch.jit.script``, as MONAI's ``ckpt_export`` runs it). It is a
+    :class:`~anatomask_components.networks.contract.PretrainingBackbone`: the pretraining runs its encoder
+    stages ``conv_blocks_context`` sparsely (``STUNet(in_channels, 1, ...)`` there: its decoder and
+    segmentation head are not pretrained).
     """
 
-    __jit_unused_properties__ = ["total_stride"]
+    __jit_unused_properties__ = ["total_stride", "encoder_stages", "encoder_strides", "encoder_widths"]
 
     # Fine-tuning contract (networks.contract.fine_tuning_contract; weights.transfer_weights asks for it):
     # the convolutions that read the input image, and the map from a checkpoint's keys to this network's.
@@ -255,6 +279,21 @@ class STUNet(nn.Module):
             total = [t * v for t, v in zip(total, s)]
         return tuple(total)
 
+    @property
+    def encoder_stages(self) -> nn.ModuleList:
+        """The encoder stages, finest first (what the sparse pretraining encoder runs)."""
+        return self.conv_blocks_context
+
+    @property
+    def encoder_strides(self) -> list[tuple[int, int, int]]:
+        """The stride of each encoder stage relative to its input (stage 0 keeps the resolution)."""
+        return [(1, 1, 1), *self.strides]
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        """The output channels of each encoder stage."""
+        return list(self.dims)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         num_pool = len(self.upsample_layers)
         skips: list[torch.Tensor] = []
@@ -298,3 +337,7 @@ def print_presets(in_channels: int = 1, out_channels: int = 105) -> dict[str, in
         widths = " ".join(str(d) for d in dims)
         print(f"{name:<5}{depths[0]:<14}{widths:<34}{counts[name] / 1e6:>9.2f}M")
     return counts
+
+
+if TYPE_CHECKING:  # the declaration of conformance, checked by type checkers (and by tests at run time)
+    _conforms: type[PretrainingBackbone] = STUNet

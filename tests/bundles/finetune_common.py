@@ -87,7 +87,7 @@ def labels_of(bundle: str) -> dict[str, str]:
 def encoder_export(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """The pretraining bundle's ``models/encoder.pt`` of its small network (1 channel)."""
     torch.manual_seed(seed)
-    encoder = AnatoMaskPretrainModel(1, **TINY).encoder_state_dict()
+    encoder = AnatoMaskPretrainModel(STUNet(1, 1, **TINY)).encoder_state_dict()
     atomic_save(encoder, path)
     return encoder
 

@@ -29,7 +29,7 @@ from anatomask_components.data.phantoms import make_affine, make_pet_ct_phantom
 from anatomask_components.data.writers import write_volume
 from anatomask_components.evaluation import voxel_spacing
 from anatomask_components.handlers import PretrainedWeightsLoader
-from anatomask_components.networks import AnatoMaskPretrainModel
+from anatomask_components.networks import AnatoMaskPretrainModel, STUNet
 from anatomask_components.weights import STUNET_INPUT_CONV_KEYS
 
 BUNDLE = "anatomask_finetune_autopet"
@@ -95,7 +95,7 @@ def test_labels_and_channels_agree_across_configs():
 def test_first_convolution_built_from_one_channel_weights(tmp_path):
     """The bundle's 2-channel STU-Net-B gets each pretrained 1-channel kernel / 2 in both channels."""
     torch.manual_seed(5)
-    encoder = AnatoMaskPretrainModel(1, size="B").encoder_state_dict()
+    encoder = AnatoMaskPretrainModel(STUNet(1, 1, size="B")).encoder_state_dict()
     torch.save(encoder, tmp_path / "encoder.pt")
     flow = workflow(BUNDLE, ["inference.json"], "infer", bundle_root=str(tmp_path), dataset_dir=str(tmp_path))
     network = flow.parser.get_parsed_content("network_def")

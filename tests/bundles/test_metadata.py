@@ -27,13 +27,10 @@ from monai.bundle import ConfigParser
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from anatomask_components.bundle_builder import discover_bundles
+
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
-NAMES = [
-    "anatomask_pretrain",
-    "anatomask_finetune_flare22",
-    "anatomask_finetune_amos22",
-    "anatomask_finetune_autopet",
-]
+NAMES = list(discover_bundles())
 # MONAI Label 0.8.5 installs next to these (BUNDLES.md, trap 4): monai>=1.4, numpy<2, pydicom 2.4.4
 MONAI_LABEL_ENVIRONMENT = {"monai": "1.4.0", "numpy": "1.26.4", "pydicom": "2.4.4"}
 REQUIRED = {"anatomask-components", "monai", "torch", "numpy", "pytorch-ignite", "nibabel", "tensorboard"}

@@ -38,6 +38,7 @@ from monailabel_common import (
     wait_for_task,
 )
 
+from anatomask_components.bundle_builder import finetune_bundles
 from anatomask_components.export import export_bundle
 from anatomask_components.monailabel_app import APP_FILES, PRETRAIN, export_monailabel_app
 
@@ -117,8 +118,7 @@ def test_errors_name_the_file_and_leave_nothing_behind(pretrain_weights, tmp_pat
     )
     assert done.returncode == 1
     assert done.stderr.strip().endswith(
-        f"error: {archive}: expected one folder named anatomask_finetune_flare22 or "
-        f"anatomask_finetune_amos22 or anatomask_finetune_autopet, found {PRETRAIN}"
+        f"error: {archive}: expected one folder named {' or '.join(finetune_bundles())}, found {PRETRAIN}"
     ), done.stderr
     assert not (tmp_path / "app").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain.zip", "taken"]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,7 @@ from monai.bundle import ConfigWorkflow
 
 from anatomask_components.data.phantoms import write_phantom_dataset
 from anatomask_components.patches import patchify
+from anatomask_components.strategies import RandomMasking, TeacherReconstructionMasking
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "anatomask_pretrain"
 CONFIGS = BUNDLE / "configs"
@@ -41,10 +43,17 @@ def _workflow(config_files, workflow_type: str, **overrides) -> ConfigWorkflow:
     return workflow
 
 
-def _train(bundle_root: Path, scans: Path, stop_after: int | None = None, **overrides):
-    """Run training in-process; returns the per-iteration outputs and the workflow."""
+def _train(
+    bundle_root: Path,
+    scans: Path,
+    stop_after: int | None = None,
+    method_configs: Sequence[Path] = (),
+    **overrides,
+):
+    """Run training in-process (``method_configs``: overrides of the method between train.json and the small
+    network's); returns the per-iteration outputs and the workflow."""
     workflow = _workflow(
-        [CONFIGS / "train.json", SMALL],
+        [CONFIGS / "train.json", *method_configs, SMALL],
         "train",
         bundle_root=str(bundle_root),
         dataset_dir=str(scans),
@@ -76,13 +85,19 @@ def test_properties(config, kind, scans, tmp_path):
 
 @pytest.mark.slow
 def test_spark_and_anatomask_modes(tmp_path, scans):
-    spark, _ = _train(tmp_path / "spark", scans, masking="random", max_epochs=1)
+    spark, workflow = _train(
+        tmp_path / "spark", scans, method_configs=[CONFIGS / "train_spark.json"], max_epochs=1
+    )
+    assert type(workflow.parser.get_parsed_content("train#iteration").masking) is RandomMasking
     assert len(spark) == 2
     assert all(o["num_hard"] == 0 for o in spark)
+    # the EMA teacher is trained and reported alongside SparK too (the iteration's own reference)
+    assert [o["ema_momentum"] for o in spark] == [workflow.parser["ema_momentum_start"]] * 2
     # constant r_t = 0.5: the teacher chooses floor(n_masked / 2) patches in every iteration
     anatomask, workflow = _train(
         tmp_path / "anatomask", scans, max_epochs=1, hard_ratio_start=0.5, hard_ratio_end=0.5
     )
+    assert type(workflow.parser.get_parsed_content("train#iteration").masking) is TeacherReconstructionMasking
     model = workflow.parser.get_parsed_content("network")
     n_patches = model.num_patches(workflow.parser["roi_size"])
     n_masked = n_patches - round(n_patches * 0.4)

@@ -19,10 +19,11 @@ import torch
 from finetune_common import BUNDLES, configs, workflow
 from ignite.engine import Events
 
+from anatomask_components.bundle_builder import finetune_bundles
 from anatomask_components.checkpointing import find_checkpoints
 from anatomask_components.data.phantoms import write_phantom_dataset
 
-FINETUNE_BUNDLES = ("anatomask_finetune_flare22", "anatomask_finetune_amos22", "anatomask_finetune_autopet")
+FINETUNE_BUNDLES = list(finetune_bundles())
 
 
 def _handler_names(bundle: str) -> list[str]:

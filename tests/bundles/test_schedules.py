@@ -17,11 +17,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from anatomask_components.bundle_builder import finetune_bundles
 from anatomask_components.data.phantoms import write_phantom_dataset
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 PRETRAIN = "anatomask_pretrain"
-FINETUNE = ("anatomask_finetune_flare22", "anatomask_finetune_amos22", "anatomask_finetune_autopet")
+FINETUNE = list(finetune_bundles())
 EPOCHS = 7
 # None: the configs' own length; otherwise the key MONAI Label overrides, or the bundle's top-level key
 OVERRIDES = [None, "train#trainer#max_epochs", "max_epochs"]

@@ -53,7 +53,9 @@ def labelled(tmp_path_factory) -> Path:
 def test_properties(scans, tmp_path):
     flow = workflow(PRETRAIN, PRETRAIN_CONFIGS, "train", bundle_root=str(tmp_path), dataset_dir=str(scans))
     assert flow.check_properties() == []
-    assert flow.parser["masking"] == "hpm" and flow.parser["mask_ratio"] == 0.75
+    masking = flow.parser["masking"]
+    assert masking["_target_"] == "anatomask_components.strategies.LossPredictorMasking"
+    assert masking["mask_ratio"] == "@mask_ratio" and flow.parser["mask_ratio"] == 0.75
     assert flow.parser["network_def"]["_target_"].endswith("MAEPretrainModel")
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from anatomask_components.bundle_builder import finetune_bundles
 from anatomask_components.checkpointing import atomic_save
 from anatomask_components.handlers import PretrainedWeightsLoader
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
-FINETUNE = ("anatomask_finetune_flare22", "anatomask_finetune_amos22", "anatomask_finetune_autopet")
+FINETUNE = list(finetune_bundles())
 
 
 def _weights_loader(bundle: str, root: Path, weights: Path, strict: bool | None) -> PretrainedWeightsLoader:

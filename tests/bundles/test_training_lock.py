@@ -16,15 +16,11 @@ import pytest
 from finetune_common import BUNDLES, configs
 from monai.bundle import ConfigParser
 
+from anatomask_components.bundle_builder import discover_bundles
 from anatomask_components.data.phantoms import write_phantom_dataset
 from anatomask_components.run_lock import LOCK_FILE, read_holder
 
-ALL_BUNDLES = (
-    "anatomask_pretrain",
-    "anatomask_finetune_flare22",
-    "anatomask_finetune_amos22",
-    "anatomask_finetune_autopet",
-)
+ALL_BUNDLES = list(discover_bundles())
 ACQUIRE = "$@run_lock.acquire_or_exit()"
 HOLDER = """
 import sys

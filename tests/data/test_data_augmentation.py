@@ -22,6 +22,7 @@ from monai.transforms import (
 )
 from test_data_preprocessing import crop_offset, window
 
+from anatomask_components.bundle_builder import finetune_bundles
 from anatomask_components.data.augmentation import (
     NNUNET_AUGMENTATION,
     RandSimulateEnhancementd,
@@ -164,7 +165,7 @@ def test_every_bundle_key_reaches_the_pipeline(tmp_path):
     """``augmentation#<key>`` of the fine-tuning bundles sets the probability and range of its transform."""
     keys = sorted(k for k in NNUNET_AUGMENTATION if k.endswith("_prob"))
     probabilities = {k: round(0.1 + 0.8 * i / len(keys), 3) for i, k in enumerate(keys)}
-    for bundle in ("anatomask_finetune_flare22", "anatomask_finetune_amos22", "anatomask_finetune_autopet"):
+    for bundle in finetune_bundles():
         parser = ConfigParser()
         parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
         assert parser["augmentation"] == NNUNET_AUGMENTATION  # the reference values, written out

@@ -30,9 +30,16 @@ _TOP = f"{examples.PACKAGE}-{examples.VERSION}"
 _REFERENCE = f"{_TOP}/tests/reference_files"
 
 
-def _nifti_bytes(values: np.ndarray) -> bytes:
-    image = nib.Nifti1Image(values, np.diag([3.0, 3.0, 3.0, 1.0]))
+def _nifti_bytes(values: np.ndarray, offset_voxels: tuple[int, int, int] = (0, 0, 0)) -> bytes:
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = 3.0 * np.asarray(offset_voxels)
+    image = nib.Nifti1Image(values, affine)
     return gzip.compress(image.to_bytes(), mtime=0)
+
+
+# case B's aorta mask: a (3, 2, 4) crop of B's (6, 5, 4) grid starting at voxel (2, 1, 0)
+_B_MASK = np.zeros((3, 2, 4), dtype=np.uint8)
+_B_MASK[1, :, 1:3] = 1
 
 
 def _fake_dicom(index: int) -> bytes:
@@ -59,6 +66,7 @@ def write_fake_archive(path: Path, extra: dict[str, bytes] | None = None, seed: 
         f"{_REFERENCE}/example_seg_fast_force_split.nii.gz": _nifti_bytes(label),
         f"{_REFERENCE}/example_seg_dicom.nii.gz": _nifti_bytes(label),
         f"{_REFERENCE}/example_seg_mr.nii.gz": _nifti_bytes(label),
+        f"{_REFERENCE}/aorta_report/test_result/models/aorta.nii.gz": _nifti_bytes(_B_MASK, (2, 1, 0)),
         f"{_REFERENCE}/example_ct_dicom/IM0001": _fake_dicom(1),
         f"{_REFERENCE}/example_ct_dicom/IM0002": _fake_dicom(2),
         **(extra or {}),
@@ -110,14 +118,27 @@ def test_a_verified_archive_is_cached_and_only_the_examples_are_extracted(tmp_pa
             "labels/C_flare22.nii.gz",
             "labels/C_amos22.nii.gz",
             "labels/MR_amos22.nii.gz",
+            "labels/B_aorta_mask.nii.gz",
+            "labels/B_flare22.nii.gz",
             "datalists/pretrain.json",
             "datalists/flare22.json",
+            "datalists/flare22_partial.json",
             "datalists/amos22.json",
         ]
     )
     assert (dest / "images/C_ct_dicom/IM0002").read_bytes() == _fake_dicom(2)
     assert nib.load(dest / "images/A_ct.nii.gz").shape == (6, 5, 4)
     assert manifest["archive_sha256"] == examples.ARCHIVE_SHA256
+    # B's aorta mask, moved from its crop into B's grid as FLARE22's aorta (5); B trains with only it labelled
+    b_label = nib.load(dest / "labels/B_flare22.nii.gz")
+    expected = np.zeros((6, 5, 4), dtype=np.uint8)
+    expected[3, 1:3, 1:3] = 5
+    np.testing.assert_array_equal(np.asanyarray(b_label.dataobj), expected)
+    np.testing.assert_allclose(b_label.affine, nib.load(dest / "images/B_ct.nii.gz").affine)
+    partial = json.loads((dest / "datalists/flare22_partial.json").read_text())
+    assert [Path(i["label"]).name for i in partial["training"]] == ["A_flare22.nii.gz", "B_flare22.nii.gz"]
+    assert [i.get("labelled") for i in partial["training"]] == [None, ["aorta"]]
+    assert [Path(i["label"]).name for i in partial["validation"]] == ["A_flare22.nii.gz"]
     # the second fetch reuses the cached archive
     examples.fetch_examples(str(tmp_path / "again"), cache_dir=str(cache))
     assert served["calls"] == 1
@@ -246,6 +267,13 @@ def test_credentials_in_the_index_url_become_a_header():
 def test_cases_have_the_documented_geometry(fetched):
     dest, manifest = fetched
     assert manifest["archive_sha256"] == examples.ARCHIVE_SHA256
+    # B's aorta (a 120 x 126 x 164 crop in the archive) in B's own grid: 72,810 voxels of contrast-filled
+    # lumen, median 354 HU (arterial phase)
+    b, b_label = nib.load(dest / "images/B_ct.nii.gz"), nib.load(dest / "labels/B_flare22.nii.gz")
+    assert b_label.shape == b.shape == (233, 167, 191) and np.allclose(b_label.affine, b.affine)
+    aorta = np.asanyarray(b_label.dataobj) == 5
+    assert aorta.sum() == 72810 and set(np.unique(np.asanyarray(b_label.dataobj))) == {0, 5}
+    assert 300.0 < float(np.median(np.asanyarray(b.dataobj)[aorta])) < 400.0
     a = nib.load(dest / "images/A_ct.nii.gz")
     assert a.shape == (122, 101, 112) and np.allclose(a.header.get_zooms(), 3.0)
     c, c_affine, fmt = read_volume(dest / "images/C_ct_dicom")
@@ -323,3 +351,17 @@ def test_the_package_index_lists_the_pinned_archive():
         body, content_type = response.read(), response.headers.get("Content-Type", "")
     url, sha = examples.find_archive_url(body, content_type, page_url)
     assert url.endswith("/" + examples.ARCHIVE_NAME) and sha in (None, examples.ARCHIVE_SHA256)
+
+
+def test_a_mask_off_its_scans_voxel_grid_is_refused(tmp_path):
+    scan, mask = tmp_path / "scan.nii.gz", tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), scan)
+    shifted = np.diag([3.0, 3.0, 3.0, 1.0])
+    shifted[0, 3] = 1.5  # half a voxel
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), shifted), mask)
+    with pytest.raises(RuntimeError, match="not a whole-voxel crop"):
+        examples._write_mask_in_scan_grid(mask, scan, tmp_path / "out.nii.gz", 5)
+    shifted[0, 3] = 15.0  # 5 voxels: the 2-voxel crop ends past the scan's 6
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), shifted), mask)
+    with pytest.raises(RuntimeError, match="outside"):
+        examples._write_mask_in_scan_grid(mask, scan, tmp_path / "out.nii.gz", 5)

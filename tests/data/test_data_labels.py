@@ -9,7 +9,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from anatomask_components.data.labels import LABEL_MAPPINGS, RemapLabelsd, load_label_mapping
+from anatomask_components.bundle_builder import DATASET_FOLDER, finetune_bundles
+from anatomask_components.data.labels import LABEL_MAPPINGS, LABEL_SETS, RemapLabelsd, load_label_mapping
 from anatomask_components.data.preprocessing import finetune_val_transforms
 from anatomask_components.data.validation import InvalidScanError
 from anatomask_components.data.writers import write_volume
@@ -58,6 +59,33 @@ def test_shipped_mappings_match_the_label_sets():
     assert LABEL_MAPPINGS["totalseg_to_flare22"] == FLARE22_FROM_TOTALSEG
     assert LABEL_MAPPINGS["totalseg_to_amos22"] == AMOS22_FROM_TOTALSEG
     assert LABEL_MAPPINGS["totalseg_mr_to_amos22"] == AMOS22_FROM_TOTALSEG_MR
+
+
+# TotalSegmentator's names of the bundles' labels that are not "<side> <organ>" -> "<organ>_<side>"
+TOTALSEG_NAMES = {
+    "postcava": "inferior_vena_cava",
+    "bladder": "urinary_bladder",
+    "prostate/uterus": "prostate",
+}
+
+
+def _totalseg_name(label: str) -> str:
+    words = label.split()
+    if words[0] in ("left", "right"):
+        words = words[1:] + words[:1]
+    return TOTALSEG_NAMES.get(label, "_".join(words))
+
+
+@pytest.mark.parametrize("label_set", sorted(LABEL_SETS))
+def test_remapping_targets_are_the_bundles_labels(label_set):
+    """The remapping tables (in the package, for installs without the repository's bundles) send each
+    TotalSegmentator structure to the id that the bundle's spec.json gives that structure."""
+    folder = finetune_bundles()[f"anatomask_finetune_{label_set}"]
+    labels = json.loads((folder / DATASET_FOLDER / "spec.json").read_text())["labels"]
+    assert ["background", *LABEL_SETS[label_set]] == [
+        labels["0"],
+        *(_totalseg_name(labels[str(i)]) for i in range(1, len(labels))),
+    ]
 
 
 def test_remap_transform_on_a_generated_label_map_sends_unmapped_ids_to_background():
