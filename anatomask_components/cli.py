@@ -224,6 +224,7 @@ def demo(
     seed: int = 0,
     cache_dir: str | None = None,
     report_only: bool = False,
+    partial_case_b: bool = False,
 ) -> None:
     """The end-to-end demo on real CT: pretrain (SparK and AnatoMask), fine-tune FLARE22 three ways, evaluate
     and infer on an unseen DICOM series, and write ``<output>/report.html`` and ``report.md``.
@@ -234,10 +235,19 @@ def demo(
         seed: seed of every run.
         cache_dir: where the example archive is kept (default $ANATOMASK_CACHE or ~/.cache/anatomask).
         report_only: rebuild the report from an earlier run's results.json.
+        partial_case_b: fine-tune on case B's aorta too, a partially labelled second case (off by default:
+            see docs/finetune.md, "Partially labelled scans").
     """
     from anatomask_components.demo import run_demo
 
-    run_demo(output, quick=quick, seed=seed, cache_dir=cache_dir, report_only=report_only)
+    run_demo(
+        output,
+        quick=quick,
+        seed=seed,
+        cache_dir=cache_dir,
+        report_only=report_only,
+        partial_case_b=partial_case_b,
+    )
 
 
 def export_bundle(name: str, out: str, weights: str | None = None) -> None:

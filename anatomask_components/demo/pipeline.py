@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,7 @@ def run_demo(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     report_only: bool = False,
+    partial_case_b: bool = False,
 ) -> Path:
     """Run the whole demo and write ``<output>/report.html`` and ``report.md``.
 
@@ -269,6 +270,7 @@ def run_demo(
         cache_dir: where the example archive is kept (default ``$ANATOMASK_CACHE`` or
             ``~/.cache/anatomask``).
         report_only: only rebuild the report from ``<output>/results.json`` of an earlier run.
+        partial_case_b: fine-tune on case B's aorta too (:attr:`DemoSettings.partial_case_b`).
 
     Returns:
         the path of ``report.html``.
@@ -284,7 +286,7 @@ def run_demo(
 
     from anatomask_components.data.examples import fetch_examples
 
-    settings = DemoSettings.preset(quick=quick, seed=seed)
+    settings = replace(DemoSettings.preset(quick=quick, seed=seed), partial_case_b=partial_case_b)
     start = time.perf_counter()
     plan = [
         *(f"pretrain_{run}" for run in PRETRAIN_RUNS),
