@@ -206,16 +206,24 @@ class PartialLabelDiceCELoss(nn.Module):
         self.smooth_dr = float(smooth_dr)
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
+        # built once per output count and device: deep supervision calls forward once per scale each step
+        self._marginal_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _marginal(self, num_classes: int, device: torch.device) -> torch.Tensor:
         """``(max(S, 1), C)`` bool, True where class ``c`` is in ``M`` of set ``s`` (a lone dummy row for no
         sets, never read)."""
+        key = (num_classes, device)
+        if key not in self._marginal_tables:
+            self._marginal_tables[key] = self._build_marginal(num_classes).to(device)
+        return self._marginal_tables[key]
+
+    def _build_marginal(self, num_classes: int) -> torch.Tensor:
         table = torch.ones(max(len(self.label_sets), 1), num_classes, dtype=torch.bool)
         for row, classes in enumerate(self.label_sets):
             if classes[-1] >= num_classes:
                 raise ValueError(f"label set {classes} names a class beyond the {num_classes} outputs")
             table[row, classes] = False
-        return table.to(device)
+        return table
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
