@@ -76,26 +76,41 @@ def datalist(
 
 
 def fingerprint(
-    datalist: str,
+    datalist: str = "",
     output: str = "fingerprint.json",
     sections: tuple[str, ...] = ("training", "validation"),
     samples_per_case: int = 10000,
     seed: int = 1234,
     image_channel_dim: int | None = None,
     on_error: str = "raise",
+    window: tuple[float, float] | None = None,
 ) -> None:
     """Foreground intensity statistics (percentiles 0.5/99.5, mean, std) for nnU-Net's CT normalisation.
 
     Args:
-        datalist: datalist JSON.
+        datalist: datalist JSON (not needed with ``window``).
         output: fingerprint JSON to write.
         sections: datalist sections to sample.
         samples_per_case: foreground voxels sampled per case and channel.
         seed: sampling seed.
         image_channel_dim: -1 for MSD-style 4D multi-channel files.
         on_error: raise, or warn to skip bad scans.
+        window: ``[low,high]`` HU: write a fixed CT window instead (one mapping for pretraining and
+            fine-tuning, e.g. ``--window=[-160,240]``: docs/finetune.md, "CT intensities").
     """
-    from anatomask_components.data.fingerprint import compute_fingerprint
+    from anatomask_components.data.fingerprint import compute_fingerprint, window_fingerprint
+
+    if window is not None:
+        import json
+
+        from anatomask_components.files import atomic_write_text
+
+        low, high = window
+        atomic_write_text(output, json.dumps(window_fingerprint(low, high), indent=4) + "\n")
+        print(f"[fingerprint] CT window [{low}, {high}] HU -> {output}")
+        return
+    if not datalist:
+        raise ValueError("fingerprint needs a datalist, or --window=[low,high] for a fixed CT window")
 
     with warnings.catch_warnings():
         # Listed in the summary below instead.

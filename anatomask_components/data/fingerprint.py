@@ -11,6 +11,9 @@ The bundles do not need a fingerprint to be given: :func:`resolve_fingerprint` c
 data on the first run, or takes the pretrained encoder's (so that fine-tuning maps CT intensities exactly
 as pretraining did), and stores it as ``models/fingerprint.json`` beside the weights and in the bundle's
 ``configs/inference.json``.
+
+:func:`window_fingerprint` writes a fixed CT window in the same form (``anatomask fingerprint --window``): one
+mapping for pretraining and fine-tuning when the scans at hand are too few to describe CT (the demo's).
 """
 
 from __future__ import annotations
@@ -156,6 +159,39 @@ def compute_fingerprint(
         if progress:
             print(f"[fingerprint] {len(shapes)} cases -> {output}", flush=True)
     return fingerprint
+
+
+def window_fingerprint(low: float, high: float) -> dict[str, Any]:
+    """A fixed CT window as a fingerprint: with it, nnU-Net's CT scheme clips to ``[low, high]`` HU and maps
+    the window to [-2, 2] (mean: the window's centre; std: a quarter of its width).
+
+    One mapping for pretraining and fine-tuning alike, whatever the scans: the choice for few scans, where a
+    computed fingerprint describes those scans rather than CT (``docs/finetune.md``, "CT intensities").
+
+    Args:
+        low, high: the window in HU (the abdominal soft-tissue window is -160 .. 240).
+
+    Returns:
+        ``{"intensity": {"CT": {mean, std, percentile_00_5, percentile_99_5}}, "source": ...}``, what
+        ``fingerprint=`` of every bundle accepts.
+
+    Raises:
+        ValueError: ``high`` not above ``low``.
+    """
+    low, high = float(low), float(high)
+    if not high > low:
+        raise ValueError(f"a CT window needs high > low, got [{low}, {high}] HU")
+    return {
+        "intensity": {
+            "CT": {
+                "mean": (low + high) / 2.0,
+                "std": (high - low) / 4.0,
+                "percentile_00_5": low,
+                "percentile_99_5": high,
+            }
+        },
+        "source": f"fixed CT window [{low:g}, {high:g}] HU",
+    }
 
 
 def _files_digest(files: Sequence[Mapping[str, Any]], image_key: str = "image") -> str:

@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from anatomask_components.data.fingerprint import window_fingerprint
 from anatomask_components.demo.settings import DemoSettings, clock
 
 __all__ = ["BUNDLES_DIR", "DemoError", "prepare_bundle", "run_bundle", "run_demo"]
@@ -75,17 +78,23 @@ def _network_override(settings: DemoSettings) -> dict[str, Any]:
 
 
 def pretrain_override(
-    settings: DemoSettings, run: str, datalist: Path, cache_dir: Path | None = None
+    settings: DemoSettings,
+    run: str,
+    datalist: Path,
+    cache_dir: Path | None = None,
+    fingerprint: Path | None = None,
 ) -> dict[str, Any]:
     """The pretraining bundle's settings for one demo run (``run``: ``"spark"`` or ``"anatomask"``, whose
     method override of :data:`PRETRAIN_RUNS` they include; ``cache_dir``: a preprocessing cache shared by the
-    runs, which preprocess identically)."""
+    runs, which preprocess identically; ``fingerprint``: the CT statistics to normalise with, None to compute
+    them from the pretraining scans)."""
     method = PRETRAIN_RUNS[run]
     configs = BUNDLES_DIR / PRETRAIN_BUNDLE / "configs"
     return {
         **(json.loads((configs / method).read_text(encoding="utf-8")) if method is not None else {}),
         **_network_override(settings),
         **({"cache_dir": str(cache_dir)} if cache_dir is not None else {}),
+        **({"fingerprint": str(fingerprint)} if fingerprint is not None else {}),
         "datalist": str(datalist),
         "mask_ratio": settings.mask_ratio,
         "hard_ratio_end": settings.hard_ratio_end,
@@ -129,7 +138,11 @@ def finetune_override(
         "learning_rate": settings.finetune_lr,
         "num_samples": 1,
         "num_workers": 0,
-        "augmentation": {"enhance_prob": settings.enhance_prob},
+        "augmentation": {
+            **{key: 0.0 for key in settings.augmentation_off},
+            "enhance_prob": settings.enhance_prob,
+            "enhance_range": list(settings.enhance_range),
+        },
         "save_every_epochs": settings.curve_every_epochs,
         "keep_last_checkpoints": settings.finetune_epochs,
         "sw_batch_size": 1,
@@ -323,6 +336,11 @@ def run_demo(
         data / "datalists" / ("flare22_partial.json" if settings.partial_case_b else "flare22.json")
     )
     test_scan = data / "images" / "C_ct_dicom"
+    # one CT mapping for every run: the pretraining runs store it beside their encoders, fine-tuning reads it
+    window = None
+    if settings.ct_window is not None:
+        window = data / "ct_window_fingerprint.json"
+        _write_json(window, window_fingerprint(*settings.ct_window))
 
     stages: list[StageResult] = []
     step = 1
@@ -338,7 +356,7 @@ def run_demo(
         folder = prepare_bundle(
             BUNDLES_DIR / PRETRAIN_BUNDLE,
             output / name,
-            pretrain_override(settings, run, pretrain_datalist, output / "cache" / "pretrain"),
+            pretrain_override(settings, run, pretrain_datalist, output / "cache" / "pretrain", window),
         )
         result = run_bundle(
             folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
@@ -425,9 +443,14 @@ def run_demo(
     analysis["seconds"] = time.perf_counter() - analysis_start
 
     step += 1
-    announce(step, "curve", "DSC on case C against fine-tuning iterations, from the kept checkpoints")
+    announce(
+        step,
+        "curve",
+        "DSC on case C against fine-tuning iterations, from the kept checkpoints; slabs of A as thin as C",
+    )
     curve_start = time.perf_counter()
     curves = finetune_curves(output, settings, flare_datalist)
+    slabs = thin_slab_agreement(output, settings, flare_datalist)
     curve_seconds = time.perf_counter() - curve_start
 
     results = {
@@ -444,6 +467,7 @@ def run_demo(
             "organs": list(CURVE_ORGANS.values()),
             "organ_hu": organ_intensities(flare_datalist, settings),
         },
+        "slabs": slabs,
         "environment": _environment(),
     }
     results["total_seconds_before_report"] = time.perf_counter() - start
@@ -474,6 +498,44 @@ def finetune_curves(output: Path, settings: DemoSettings, datalist: Path) -> dic
             flush=True,
         )
     return curves
+
+
+def thin_slab_agreement(output: Path, settings: DemoSettings, datalist: Path) -> dict[str, dict[str, Any]]:
+    """Each run's final model on slabs of case A as thick as case C, against its whole-scan label map of A
+    (:func:`~anatomask_components.demo.curve.slab_agreement`), with one progress line per run."""
+    import nibabel as nib
+
+    from anatomask_components.data.labels import FLARE22_CLASSES
+    from anatomask_components.demo.curve import slab_agreement
+
+    lists = json.loads(datalist.read_text(encoding="utf-8"))
+    thickness_mm = scan_thickness_mm(nib.load(lists["test"][0]["label"]))
+    slabs = {}
+    for init in FINETUNE_INITS:
+        slabs[init] = slab_agreement(
+            output / f"finetune_{init}",
+            asdict(settings),
+            lists["training"][0],
+            CURVE_ORGANS,
+            len(FLARE22_CLASSES) + 1,
+            thickness_mm,
+        )
+        means = [
+            float(np.mean(list(s["agreement"].values()))) for s in slabs[init]["slabs"] if s["agreement"]
+        ]
+        print(
+            f"    {init}: slabs of A {thickness_mm:g} mm thick (case C's) against the whole scan: mean DSC "
+            + (", ".join(f"{m:.3f}" for m in means) or "no organ there"),
+            flush=True,
+        )
+        slabs[init]["thickness_mm"] = thickness_mm
+    return slabs
+
+
+def scan_thickness_mm(image) -> float:
+    """Extent of a scan along the patient's superior-inferior axis, in mm (``image``: a nibabel image)."""
+    axis = int(np.argmax(np.abs(image.affine[2, :3])))
+    return float(image.shape[axis] * np.linalg.norm(image.affine[:3, axis]))
 
 
 def organ_intensities(datalist: Path, settings: DemoSettings) -> dict[str, dict[str, float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +383,29 @@ def plot_segmentations(results: dict[str, Any], names: dict[int, str], path: Pat
     return path
 
 
+def _augmentation_text(settings: Mapping[str, Any]) -> str:
+    """The fine-tuning augmentation of a run's settings, in words."""
+    off = [key.removesuffix("_prob").replace("_", " ") for key in settings.get("augmentation_off", ())]
+    low, high = settings.get("enhance_range", (0.0, 0.3))
+    return (
+        "nnU-Net's defaults"
+        + (f' except {", ".join(off)} (off: docs/finetune.md, "The demo\'s recipe")' if off else "")
+        + f", crops past the border, thin-slab crops; simulated contrast enhancement with p = "
+        f"{settings.get('enhance_prob', 0.0)}, offsets {low:g} .. {high:g} normalised units per organ"
+    )
+
+
+def _normalisation_text(settings: Mapping[str, Any]) -> str:
+    """The CT normalisation of a run's settings, in words."""
+    window = settings.get("ct_window")
+    if window is None:
+        return "nnU-Net's CT scheme with the pretraining set's fingerprint, every run"
+    return (
+        f"nnU-Net's CT scheme with a fixed window: clip to {window[0]:g} .. {window[1]:g} HU, map to -2 .. 2, "
+        'the same for pretraining and fine-tuning (docs/finetune.md, "CT intensities")'
+    )
+
+
 def _teacher_init_weight(settings: dict[str, Any]) -> float:
     """Weight of the random initialisation left in the EMA teacher at the end of pretraining."""
     epochs = settings["pretrain_epochs"]
@@ -469,15 +492,13 @@ def _tables(
         ],
         [
             "augmentation",
-            "nnU-Net's defaults (rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma, "
-            "mirroring), crops past the border, thin-slab crops; simulated contrast enhancement with "
-            f"p = {settings.get('enhance_prob', 0.0)}",
-            "reference: nnU-Net's defaults",
+            _augmentation_text(settings),
+            "reference: nnU-Net's defaults (all of them on)",
         ],
         [
             "CT normalisation",
-            "nnU-Net's CT scheme with the pretraining set's fingerprint, every run",
-            "reference: nnU-Net's CT scheme",
+            _normalisation_text(settings),
+            "reference: nnU-Net's CT scheme with the dataset's fingerprint (the bundles' default)",
         ],
         ["sliding-window overlap", str(settings["sw_overlap"]), "bundle default"],
     ]
@@ -543,7 +564,27 @@ def _tables(
     dsc_rows = [
         [r["name"], *[f"{_pct(r[i]['dsc'])} / {_pct(r[i]['nsd'])}" for i in INIT_LABELS]] for r in rows
     ]
+    slab_rows = [
+        [
+            INIT_LABELS[init],
+            ", ".join(f"{name} {_pct(v)}" for name, v in entry["whole"].items()),
+            "; ".join(
+                f"slice {slab['start']}: "
+                + (", ".join(f"{name} {_pct(v)}" for name, v in slab["agreement"].items()) or "no organ")
+                for slab in entry["slabs"]
+            ),
+        ]
+        for init, entry in results.get("slabs", {}).items()
+    ]
     return {
+        "slabs": (
+            [
+                "fine-tuning initialisation",
+                "whole scan of A: DSC vs reference (%)",
+                "slabs of A alone: DSC vs the whole-scan label map on the same slices (%)",
+            ],
+            slab_rows,
+        ),
         "settings": (["setting", "this demo", "the paper / note"], settings_rows),
         "stages": (
             ["stage", "wall time (m:s)", "median s / iteration", "peak RSS (MB)", "peak GPU (MB)"],
@@ -821,6 +862,22 @@ def write_report(output: str | Path, results: dict[str, Any]) -> Path:
                         ("figure", "dsc_curve_C"),
                     ]
                     if "dsc_curve_C" in paths
+                    else []
+                ),
+                *(
+                    [
+                        (
+                            "p",
+                            "Thin scans: each final model labels slabs of case A as thick as case C "
+                            f"({next(iter(results['slabs'].values()))['thickness_mm']:g} mm) on their own, "
+                            "padded as inference pads them, and its label map of the whole scan of A on the same "
+                            "slices is the reference (organs with at least 50 voxels there). Agreement near "
+                            "100 % means a thin scan is segmented as the same anatomy inside a whole scan would "
+                            "be; it is only worth as much as the whole-scan fit next to it.",
+                        ),
+                        ("table", tables["slabs"]),
+                    ]
+                    if results.get("slabs")
                     else []
                 ),
             ],

@@ -15,9 +15,10 @@ class DemoSettings:
     Args:
         quick: the quick preset (fewer steps, same stages).
         seed: seed of every run (network initialisation, crops, masks).
-        spacing: voxel size in mm for pretraining and fine-tuning (3 mm: case A's native grid).
-        roi_size: pretraining and fine-tuning crop, also the sliding-window size (96 x 96 x 32 at 3 mm: the
-            width of an abdomen in-plane, so that left and right organs are told apart by their context).
+        spacing: voxel size in mm for pretraining and fine-tuning (4 mm: a step costs half of one at 3 mm).
+        roi_size: pretraining and fine-tuning crop, also the sliding-window size (80 x 80 x 16 at 4 mm: the
+            width of an abdomen in-plane, so that left and right organs are told apart by their context,
+            and 64 mm deep; measured against 3 mm crops in docs/finetune.md, "The demo's recipe").
         depths, dims: the small STU-Net (six stages, default TotalSegmentator strides; the pretraining
             encoder is its first five stages, total stride 16, so the mask unit is 16^3 voxels).
         mask_ratio: masked fraction of patches (paper: 0.6).
@@ -33,11 +34,22 @@ class DemoSettings:
             a checkpoint is kept every ``curve_every_epochs`` for the DSC-against-iterations curve on case C.
         partial_case_b: fine-tune on case B's aorta too (the examples' ``flare22_partial.json``): a
             contrast-enhanced CT angiography whose other organs are unlabelled and kept out of the loss. Off:
-            with the full preset's 300 iterations it took half of them from case A and every organ of case C
-            scored DSC 0.0 (A alone: see docs/finetune.md, "Partially labelled scans").
+            with the full preset of commit c1aca94 (300 iterations, 3 mm) it took half of them from case A
+            and every organ of case C scored DSC 0.0 (docs/finetune.md, "Partially labelled scans").
         finetune_lr: AdamW learning rate of fine-tuning (paper: 1e-4; 1e-3 here, for the same reason).
-        enhance_prob: probability of the simulated contrast enhancement (``augmentation#enhance_prob``, off
-            in the bundles): case A is non-contrast, case C portal venous.
+        ct_window: CT intensities of every run (pretraining and fine-tuning) clipped to this HU window and
+            mapped to [-2, 2] (:func:`~anatomask_components.data.fingerprint.window_fingerprint`); None: the
+            bundles' default, nnU-Net's CT scheme with the pretraining set's fingerprint. A window, because
+            three unlabelled scans give a fingerprint that spans lung to bone (-947 .. 696 HU) and the one
+            labelled case one that clips at 79 HU (its organs are non-contrast): docs/finetune.md,
+            "CT intensities", has the measurements.
+        augmentation_off: nnU-Net augmentations switched off (probability 0) in fine-tuning: spatial ones
+            and those that blur, because in a few hundred iterations on one case they slow fitting more than
+            they help (measured: docs/finetune.md); the intensity ones, crops past the border and thin-slab
+            crops stay on.
+        enhance_prob, enhance_range: the simulated contrast enhancement (``augmentation#enhance_*``, off in
+            the bundles), in normalised units: case A is non-contrast, case C portal venous (liver +48 HU,
+            aorta +111 HU; one unit is 100 HU in the default window).
         sw_overlap: sliding-window overlap of validation, evaluation and inference (bundle default 0.5).
         analysis_masks: random masks per case in the top-k analysis.
         progress_every: iterations between progress lines.
@@ -45,8 +57,8 @@ class DemoSettings:
 
     quick: bool = False
     seed: int = 0
-    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    roi_size: tuple[int, int, int] = (96, 96, 32)
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    roi_size: tuple[int, int, int] = (80, 80, 16)
     depths: tuple[int, ...] = (1, 1, 1, 1, 1, 1)
     dims: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
     mask_ratio: float = 0.6
@@ -56,12 +68,22 @@ class DemoSettings:
     save_every_epochs: int = 10
     ema_momentum: tuple[float, float] = (0.98, 0.99)
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 12
+    finetune_epochs: int = 16
     iterations_per_epoch: int = 25
-    val_interval: int = 4
+    val_interval: int = 8
     finetune_lr: float = 1e-3
     partial_case_b: bool = False
+    ct_window: tuple[float, float] | None = (-160.0, 240.0)
+    augmentation_off: tuple[str, ...] = (
+        "rotate_prob",
+        "scale_prob",
+        "flip_prob",
+        "blur_prob",
+        "lowres_prob",
+        "gamma_inverted_prob",
+    )
     enhance_prob: float = 0.3
+    enhance_range: tuple[float, float] = (0.0, 1.2)
     curve_every_epochs: int = 2
     sw_overlap: float = 0.5
     analysis_masks: int = 4
@@ -69,23 +91,20 @@ class DemoSettings:
 
     @classmethod
     def preset(cls, quick: bool = False, seed: int = 0) -> DemoSettings:
-        """The full demo (about 24 minutes on 2 CPU cores) or the quick one: the same stages and report
-        with fewer steps, a 4 mm grid, a smaller crop and fewer analysis masks, for about 4 to 7 minutes
-        (its 60 fine-tuning iterations do not yet segment case C)."""
+        """The full demo (400 fine-tuning iterations per initialisation) or the quick one: the same stages,
+        grid, crop and report with fewer steps and analysis masks (100 fine-tuning iterations)."""
         if not quick:
             return cls(seed=seed)
         return cls(
             quick=True,
             seed=seed,
-            roi_size=(64, 64, 32),
             pretrain_epochs=5,
             pretrain_warmup_epochs=1,
             save_every_epochs=5,
-            finetune_epochs=3,
-            iterations_per_epoch=20,
+            finetune_epochs=4,
+            iterations_per_epoch=25,
             curve_every_epochs=1,
-            val_interval=3,
-            spacing=(4.0, 4.0, 4.0),
+            val_interval=4,
             sw_overlap=0.25,
             analysis_masks=1,
             progress_every=5,

@@ -7,12 +7,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from anatomask_components.cli import fingerprint as fingerprint_command
 from anatomask_components.data.fingerprint import (
     FINGERPRINT_FILE,
     model_fingerprint,
     resolve_fingerprint,
+    window_fingerprint,
 )
+from anatomask_components.data.normalization import normalize_channel
 from anatomask_components.data.phantoms import phantom_fingerprint
 from anatomask_components.data.preprocessing import finetune_val_transforms
 
@@ -50,6 +54,30 @@ def test_liver_of_cases_a_and_c_maps_to_the_same_value(fetched, tmp_path):
     )
     assert carried["intensity"] == fingerprint["intensity"] and "pretrained encoder" in carried["source"]
     assert model_fingerprint(None, finetune_model)["intensity"] == fingerprint["intensity"]
+
+
+@pytest.mark.network
+def test_a_fixed_window_keeps_the_hu_difference_of_cases_a_and_c(fetched, tmp_path):
+    """The demo's window: A's and C's livers 100 HU apart per unit, so their real contrast difference (about
+    48 HU: C is portal venous) stays, and nothing moves with the share of air in a scan."""
+    dest, _ = fetched
+    flare = json.loads((dest / "datalists" / "flare22.json").read_text())
+    fingerprint_command(output=str(tmp_path / "window.json"), window=(-160, 240))
+    window = json.loads((tmp_path / "window.json").read_text())
+    assert window == window_fingerprint(-160, 240)
+    a, c = flare["training"][0], flare["test"][0]
+    liver_a, liver_c = _median_liver(a, "ct", window), _median_liver(c, "ct", window)
+    assert liver_a * 100 + 40 == pytest.approx(46, abs=3) and liver_c * 100 + 40 == pytest.approx(94, abs=3)
+
+
+def test_window_fingerprint_clips_to_the_window_and_maps_it_to_plus_minus_two():
+    hu = torch.tensor([-1000.0, -160.0, 40.0, 140.0, 240.0, 1500.0])
+    mapped = normalize_channel(hu, "ct", window_fingerprint(-160, 240)["intensity"]["CT"])
+    assert mapped.tolist() == [-2.0, -2.0, 0.0, 1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match=r"high > low, got \[240.0, -160.0\]"):
+        window_fingerprint(240, -160)
+    with pytest.raises(ValueError, match="needs a datalist, or --window"):
+        fingerprint_command()
 
 
 def test_fingerprint_is_computed_once_stored_with_the_model_and_written_into_inference_json(

@@ -2,9 +2,9 @@
 and thin slabs, padded with 0) labels a slab of a few slices as it labels the same slices of the whole scan,
 when both go through the sliding window the bundles infer with (padding 0).
 
-The same check on real CT (a 14-slice slab of case A) is not here yet: a network that a CI run can train in
-a few minutes reached slab agreement 0.49-0.81 for the liver (thin slabs in half the crops), below the 0.8
-the property asks for; see docs/finetune.md, "Scans of any size"."""
+The same check on real CT (slabs of case A as thick as case C, labelled by the demo's fine-tuned models) is
+``tests/test_demo.py::test_quick_demo_model_labels_a_slab_of_case_a_as_thin_as_case_c_like_the_whole_scan``;
+it needs the demo's output, as the other demo tests do."""
 
 from __future__ import annotations
 
