@@ -96,7 +96,7 @@ def fingerprint(
         image_channel_dim: -1 for MSD-style 4D multi-channel files.
         on_error: raise, or warn to skip bad scans.
         window: ``[low,high]`` HU: write a fixed CT window instead (one mapping for pretraining and
-            fine-tuning, e.g. ``--window=[-160,240]``: docs/finetune.md, "CT intensities").
+            fine-tuning, e.g. ``--window=[-160,240]``: docs/finetune.md, "The demo's recipe").
     """
     from anatomask_components.data.fingerprint import compute_fingerprint, window_fingerprint
 

@@ -166,7 +166,7 @@ def window_fingerprint(low: float, high: float) -> dict[str, Any]:
     the window to [-2, 2] (mean: the window's centre; std: a quarter of its width).
 
     One mapping for pretraining and fine-tuning alike, whatever the scans: the choice for few scans, where a
-    computed fingerprint describes those scans rather than CT (``docs/finetune.md``, "CT intensities").
+    computed fingerprint describes those scans rather than CT (``docs/finetune.md``, "The demo's recipe").
 
     Args:
         low, high: the window in HU (the abdominal soft-tissue window is -160 .. 240).

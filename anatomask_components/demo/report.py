@@ -402,7 +402,7 @@ def _normalisation_text(settings: Mapping[str, Any]) -> str:
         return "nnU-Net's CT scheme with the pretraining set's fingerprint, every run"
     return (
         f"nnU-Net's CT scheme with a fixed window: clip to {window[0]:g} .. {window[1]:g} HU, map to -2 .. 2, "
-        'the same for pretraining and fine-tuning (docs/finetune.md, "CT intensities")'
+        'the same for pretraining and fine-tuning (docs/finetune.md, "The demo\'s recipe")'
     )
 
 

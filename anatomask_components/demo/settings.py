@@ -42,7 +42,7 @@ class DemoSettings:
             bundles' default, nnU-Net's CT scheme with the pretraining set's fingerprint. A window, because
             three unlabelled scans give a fingerprint that spans lung to bone (-947 .. 696 HU) and the one
             labelled case one that clips at 79 HU (its organs are non-contrast): docs/finetune.md,
-            "CT intensities", has the measurements.
+            "The demo's recipe", has the measurements.
         augmentation_off: nnU-Net augmentations switched off (probability 0) in fine-tuning: spatial ones
             and those that blur, because in a few hundred iterations on one case they slow fitting more than
             they help (measured: docs/finetune.md); the intensity ones, crops past the border and thin-slab
