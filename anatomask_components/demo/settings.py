@@ -34,8 +34,9 @@ class DemoSettings:
             a checkpoint is kept every ``curve_every_epochs`` for the DSC-against-iterations curve on case C.
         partial_case_b: fine-tune on case B's aorta too (the examples' ``flare22_partial.json``): a
             contrast-enhanced CT angiography whose other organs are unlabelled and kept out of the loss. Off:
-            with the full preset of commit c1aca94 (300 iterations, 3 mm) it took half of them from case A
-            and every organ of case C scored DSC 0.0 (docs/finetune.md, "Partially labelled scans").
+            with the full preset of commit c1aca94 (300 iterations, 3 mm) every organ of case C scored
+            DSC 0.0; with this preset, from scratch, C's spleen drops from 0.49 to 0.0 for +0.05 aorta
+            (docs/finetune.md, "Partially labelled scans").
         finetune_lr: AdamW learning rate of fine-tuning (paper: 1e-4; 1e-3 here, for the same reason).
         ct_window: CT intensities of every run (pretraining and fine-tuning) clipped to this HU window and
             mapped to [-2, 2] (:func:`~anatomask_components.data.fingerprint.window_fingerprint`); None: the
