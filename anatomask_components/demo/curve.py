@@ -6,8 +6,8 @@ network and segments the test case exactly as the bundle's inference does (its p
 fingerprint, the sliding window with the run's ROI, overlap, Gaussian weighting and padding 0), and the
 label map is scored on the fine-tuning grid against the reference resampled there (nearest neighbour). The
 evaluate stage scores the final model in the case's own geometry; this curve shows whether more iterations
-would have helped. :func:`slab_agreement` asks the run's final model to label slabs as thin as case C on
-their own and compares them with its label map of the whole scan on the same slices.
+would have helped. :func:`slab_agreement` asks the run's model (``models/model.pt``) to label slabs as thin
+as case C on their own and compares them with its label map of the whole scan on the same slices.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def slab_agreement(
     count: int = 4,
     min_voxels: int = 50,
 ) -> dict[str, Any]:
-    """How a run's final model labels slabs of a scan on their own, against its label map of the whole scan.
+    """How a run's model labels slabs of a scan on their own, against its label map of the whole scan.
 
     ``count`` slabs of ``thickness_mm`` (rounded to whole slices of the fine-tuning grid), spread evenly over
     the slices where the reference holds the first of ``organs``, each go through the sliding window alone,

@@ -500,9 +500,13 @@ def finetune_curves(output: Path, settings: DemoSettings, datalist: Path) -> dic
     return curves
 
 
-def thin_slab_agreement(output: Path, settings: DemoSettings, datalist: Path) -> dict[str, dict[str, Any]]:
-    """Each run's final model on slabs of case A as thick as case C, against its whole-scan label map of A
-    (:func:`~anatomask_components.demo.curve.slab_agreement`), with one progress line per run."""
+def thin_slab_agreement(output: Path, settings: DemoSettings, datalist: Path) -> dict[str, Any]:
+    """Each run's model on slabs of case A as thick as case C, against its whole-scan label map of A
+    (:func:`~anatomask_components.demo.curve.slab_agreement`), with one progress line per run.
+
+    Returns:
+        ``{"thickness_mm": case C's extent, "runs": {init: slab_agreement's result}}``.
+    """
     import nibabel as nib
 
     from anatomask_components.data.labels import FLARE22_CLASSES
@@ -510,9 +514,9 @@ def thin_slab_agreement(output: Path, settings: DemoSettings, datalist: Path) ->
 
     lists = json.loads(datalist.read_text(encoding="utf-8"))
     thickness_mm = scan_thickness_mm(nib.load(lists["test"][0]["label"]))
-    slabs = {}
+    runs = {}
     for init in FINETUNE_INITS:
-        slabs[init] = slab_agreement(
+        runs[init] = slab_agreement(
             output / f"finetune_{init}",
             asdict(settings),
             lists["training"][0],
@@ -520,16 +524,13 @@ def thin_slab_agreement(output: Path, settings: DemoSettings, datalist: Path) ->
             len(FLARE22_CLASSES) + 1,
             thickness_mm,
         )
-        means = [
-            float(np.mean(list(s["agreement"].values()))) for s in slabs[init]["slabs"] if s["agreement"]
-        ]
+        means = [float(np.mean(list(s["agreement"].values()))) for s in runs[init]["slabs"] if s["agreement"]]
         print(
             f"    {init}: slabs of A {thickness_mm:g} mm thick (case C's) against the whole scan: mean DSC "
             + (", ".join(f"{m:.3f}" for m in means) or "no organ there"),
             flush=True,
         )
-        slabs[init]["thickness_mm"] = thickness_mm
-    return slabs
+    return {"thickness_mm": thickness_mm, "runs": runs}
 
 
 def scan_thickness_mm(image) -> float:

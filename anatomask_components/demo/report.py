@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from anatomask_components.data.augmentation import NNUNET_AUGMENTATION
 from anatomask_components.demo.settings import DemoSettings, clock
 
 __all__ = ["FIGURES", "organs_of_test_case", "write_report"]
@@ -386,12 +387,12 @@ def plot_segmentations(results: dict[str, Any], names: dict[int, str], path: Pat
 def _augmentation_text(settings: Mapping[str, Any]) -> str:
     """The fine-tuning augmentation of a run's settings, in words."""
     off = [key.removesuffix("_prob").replace("_", " ") for key in settings.get("augmentation_off", ())]
-    low, high = settings.get("enhance_range", (0.0, 0.3))
+    low, high = settings.get("enhance_range", NNUNET_AUGMENTATION["enhance_range"])
     return (
         "nnU-Net's defaults"
         + (f' except {", ".join(off)} (off: docs/finetune.md, "The demo\'s recipe")' if off else "")
         + f", crops past the border, thin-slab crops; simulated contrast enhancement with p = "
-        f"{settings.get('enhance_prob', 0.0)}, offsets {low:g} .. {high:g} normalised units per organ"
+        f"{settings.get('enhance_prob', NNUNET_AUGMENTATION['enhance_prob'])}, offsets {low:g} .. {high:g} normalised units per organ"
     )
 
 
@@ -574,7 +575,7 @@ def _tables(
                 for slab in entry["slabs"]
             ),
         ]
-        for init, entry in results.get("slabs", {}).items()
+        for init, entry in results.get("slabs", {}).get("runs", {}).items()
     ]
     return {
         "slabs": (
@@ -868,8 +869,8 @@ def write_report(output: str | Path, results: dict[str, Any]) -> Path:
                     [
                         (
                             "p",
-                            "Thin scans: each final model labels slabs of case A as thick as case C "
-                            f"({next(iter(results['slabs'].values()))['thickness_mm']:g} mm) on their own, "
+                            "Thin scans: each run's model labels slabs of case A as thick as case C "
+                            f"({results['slabs']['thickness_mm']:g} mm) on their own, "
                             "padded as inference pads them, and its label map of the whole scan of A on the same "
                             "slices is the reference (organs with at least 50 voxels there). Agreement near "
                             "100 % means a thin scan is segmented as the same anatomy inside a whole scan would "
