@@ -246,7 +246,8 @@ def demo(
 
     Args:
         output: output folder (its run folders are recreated).
-        quick: fewer steps, same stages and report (a few minutes on 2 CPU cores).
+        quick: the quick preset, under 5 minutes on 2 CPU cores: fewer steps, smaller crops, and
+            fine-tuning from scratch and from AnatoMask's encoder only (``DemoSettings.preset``).
         seed: seed of every run.
         cache_dir: where the example archive is kept (default $ANATOMASK_CACHE or ~/.cache/anatomask).
         report_only: rebuild the report from an earlier run's results.json.

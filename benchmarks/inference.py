@@ -34,7 +34,8 @@ from anatomask_components.demo.pipeline import run_bundle as demo_run_bundle
 
 
 def run_bundle(bundle: Path, image: str, model: str, output_dir: Path, overrides: dict) -> dict:
-    """One ``monai.bundle run`` of the inference config (the demo's runner: wall time, peak memory, log);
+    """One ``monai.bundle run`` of the inference config in a fresh interpreter (the demo's runner: wall
+    time with start-up, peak memory, log);
     the case's seconds per stage and its label map from ``inference_report.json``."""
     override = output_dir / "benchmark_override.json"
     # absolute paths: the bundle runs in its own folder

@@ -27,7 +27,7 @@ from anatomask_components.data.preprocessing import deterministic_transforms
 from anatomask_components.evaluation import case_metrics
 from anatomask_components.networks import STUNet
 
-__all__ = ["dsc_curve", "organ_hu", "slab_agreement"]
+__all__ = ["dsc_curve", "organ_hu", "slab_agreement", "slabs_against_whole"]
 
 
 @torch.no_grad()
@@ -76,34 +76,68 @@ def slab_agreement(
     count: int = 4,
     min_voxels: int = 50,
 ) -> dict[str, Any]:
-    """How a run's model labels slabs of a scan on their own, against its label map of the whole scan.
-
-    ``count`` slabs of ``thickness_mm`` (rounded to whole slices of the fine-tuning grid), spread evenly over
-    the slices where the reference holds the first of ``organs``, each go through the sliding window alone,
-    padded as inference pads a thin scan.
+    """How a run's model labels slabs of a scan on their own, against its label map of the whole scan
+    (:func:`slabs_against_whole` with the run's ``models/model.pt`` and preprocessing).
 
     Args:
         run_folder: a demo fine-tuning folder (``models/model.pt``, ``models/fingerprint.json``).
         settings: the demo's settings (``spacing``, ``roi_size``, ``depths``, ``dims``, ``sw_overlap``).
         item: ``{"image": path, "label": path}``, labels in the bundle's ids (the training case: the model
             fits it, so that the whole-scan label map is worth agreeing with).
-        organs: label id -> name of the organs to compare; the first one places the slabs.
+        organs, thickness_mm, count, min_voxels: see :func:`slabs_against_whole`.
         num_classes: output channels of the network.
-        thickness_mm: slab thickness (case C: 14 slices of 3 mm).
+
+    Returns:
+        :func:`slabs_against_whole`'s result.
+    """
+    folder = Path(run_folder)
+    image, reference = _case(folder, settings, item)
+    network = _network(settings, num_classes)
+    network.load_state_dict(torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True))
+    return slabs_against_whole(
+        network, image, reference, settings, organs, thickness_mm, count, min_voxels, str(item["image"])
+    )
+
+
+@torch.no_grad()
+def slabs_against_whole(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    reference: np.ndarray,
+    settings: Mapping[str, Any],
+    organs: Mapping[int, str],
+    thickness_mm: float,
+    count: int = 4,
+    min_voxels: int = 50,
+    name: str = "scan",
+) -> dict[str, Any]:
+    """A network's label maps of slabs of a scan, each labelled on its own, against its whole-scan label map.
+
+    ``count`` slabs of ``thickness_mm`` (rounded to whole slices of the grid), spread evenly over the slices
+    where the reference holds the first of ``organs``, each go through the sliding window alone, padded as
+    inference pads a thin scan.
+
+    Args:
+        network: the segmentation network, in eval mode.
+        image: the preprocessed scan, (1, 1, H, W, D) on the grid of ``settings["spacing"]``.
+        reference: its labels on the same grid, (H, W, D).
+        settings: ``spacing``, ``roi_size`` and ``sw_overlap`` of the sliding window.
+        organs: label id -> name of the organs to compare; the first one places the slabs.
+        thickness_mm: slab thickness (case C: 20 slices of 2 mm).
         count: number of slabs.
         min_voxels: an organ counts in a slab when the reference and the whole-scan label map both hold
             at least this many of its voxels there.
+        name: the scan, for errors.
 
     Returns:
         ``{"thickness_slices": int, "whole": {name: DSC of the whole-scan label map against the reference},
         "slabs": [{"start": first slice, "agreement": {name: DSC of the slab's label map against the
         whole-scan label map on the same slices}, "reference": {name: DSC of the slab's label map against the
         reference}}]}``.
+
+    Raises:
+        ValueError: the first organ spans fewer slices than a slab.
     """
-    folder = Path(run_folder)
-    image, reference = _case(folder, settings, item)
-    network = _network(settings, num_classes)
-    network.load_state_dict(torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True))
     inferer = _inferer(settings)
     whole = inferer(image, network).argmax(1)[0].numpy()
     spacing = tuple(settings["spacing"])
@@ -111,14 +145,14 @@ def slab_agreement(
     first_organ = next(iter(organs))
     slices = np.flatnonzero((reference == first_organ).sum(axis=(0, 1)) >= min_voxels)
     if slices.size < thickness:
-        raise ValueError(f"{item['image']}: {organs[first_organ]} spans fewer than {thickness} slices")
+        raise ValueError(f"{name}: {organs[first_organ]} spans fewer than {thickness} slices")
     slabs = []
     for start in np.linspace(slices[0], slices[-1] + 1 - thickness, count).round().astype(int).tolist():
         window = slice(start, start + thickness)
         labelled = inferer(image[..., window].clone(), network).argmax(1)[0].numpy()
         present = {
-            k: name
-            for k, name in organs.items()
+            k: organ
+            for k, organ in organs.items()
             if (reference[..., window] == k).sum() >= min_voxels
             and (whole[..., window] == k).sum() >= min_voxels
         }

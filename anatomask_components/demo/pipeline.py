@@ -1,17 +1,20 @@
-"""The demo's stages: fetch real CT, pretrain twice, fine-tune three times, evaluate, infer.
+"""The demo's stages: fetch real CT, pretrain twice, fine-tune three times (quick: twice), evaluate, infer.
 
 Each stage copies a bundle of this repository into ``<output>/<run>/`` (configs, docs, licence), writes the
 demo's settings as ``configs/demo_override.json`` and runs
 
     python -m monai.bundle run --config_file "['configs/train.json', 'configs/demo_override.json']"
 
-in that folder, so that what the demo shows is what the bundles do. The same settings are written into the
-copy's ``configs/inference.json``, which therefore runs on its own there. The run's stdout goes to
-``<run>/demo_<step>.log``; its progress lines (stage, iteration, loss, time left) are echoed.
+in that folder, so that what the demo shows is what the bundles do (in a process forked from one that
+imported torch and MONAI once, :mod:`~anatomask_components.demo.bundle_process`: ~6 s less per stage). The
+same settings are written into the copy's ``configs/inference.json``, which therefore runs on its own there.
+The run's stdout goes to ``<run>/demo_<step>.log``; its progress lines (stage, iteration, loss, time left)
+are echoed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from anatomask_components.data.fingerprint import window_fingerprint
+from anatomask_components.demo.bundle_process import StageServer, stage_servers_available
 from anatomask_components.demo.settings import DemoSettings, clock
 
 __all__ = ["BUNDLES_DIR", "DemoError", "prepare_bundle", "run_bundle", "run_demo"]
@@ -37,7 +41,8 @@ FINETUNE_BUNDLE = "anatomask_finetune_flare22"
 # run name -> the pretraining bundle's override of its method (SparK: the RandomMasking strategy), or None for
 # the bundle's defaults (AnatoMask's TeacherReconstructionMasking)
 PRETRAIN_RUNS = {"spark": "train_spark.json", "anatomask": None}
-FINETUNE_INITS = ("scratch", "spark", "anatomask")
+# fine-tuning run name -> the pretraining run whose encoder it starts from (None: random initialisation)
+FINETUNE_INITS = {"scratch": None, "spark": "spark", "anatomask": "anatomask"}
 # FLARE22 ids of the organs that case C holds and the demo's target averages (liver, spleen, stomach, aorta)
 CURVE_ORGANS = {1: "liver", 3: "spleen", 11: "stomach", 5: "aorta"}
 # copied into each run folder; models/, runs/, eval/ are the run's own
@@ -193,7 +198,11 @@ def _echo(line: str, indent: str = "    ") -> None:
 
 
 def run_bundle(
-    folder: str | os.PathLike, config_files: Sequence[str], name: str, log_name: str
+    folder: str | os.PathLike,
+    config_files: Sequence[str],
+    name: str,
+    log_name: str,
+    server: StageServer | None = None,
 ) -> StageResult:
     """Run ``python -m monai.bundle run`` in a bundle folder, echoing progress; measure time and memory.
 
@@ -202,6 +211,9 @@ def run_bundle(
         config_files: config files relative to ``folder``, merged in order.
         name: the stage name (for messages).
         log_name: file name of the full log inside ``folder``.
+        server: fork the run from this :class:`~anatomask_components.demo.bundle_process.StageServer`
+            (torch and MONAI imported once); None: start the command in a fresh interpreter (its wall
+            time then includes ~6 s of imports).
 
     Returns:
         the :class:`StageResult` (peak RSS of the bundle process, from the kernel's accounting).
@@ -228,6 +240,19 @@ def run_bundle(
     log_path = folder / log_name
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
+    if server is None:
+        code, peak_kib = _run_command(command, folder, log_path, env)
+    else:
+        code, peak_kib = server.run(folder, config_files, log_path, _echo, env)
+    wall = time.perf_counter() - start
+    if code != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
+        raise DemoError(f"{name} failed (exit code {code}); full log: {log_path}\n{tail}")
+    return StageResult(name, str(folder), ["python", *command[1:]], str(log_path), wall, peak_kib / 1024.0)
+
+
+def _run_command(command: list[str], folder: Path, log_path: Path, env: dict[str, str]) -> tuple[int, float]:
+    """The command in a fresh interpreter, output into ``log_path`` and echoed; (exit code, peak RSS KiB)."""
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
             command,
@@ -245,14 +270,7 @@ def run_bundle(
             _echo(line)
         process.stdout.close()
         _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
-        raise DemoError(f"{name} failed (exit code {code}); full log: {log_path}\n{tail}")
-    return StageResult(
-        name, str(folder), ["python", *command[1:]], str(log_path), wall, usage.ru_maxrss / 1024.0
-    )
+    return os.waitstatus_to_exitcode(status), float(usage.ru_maxrss)
 
 
 def _write_demo_datalist(data: Path) -> Path:
@@ -278,7 +296,7 @@ def run_demo(
 
     Args:
         output: output folder; its run folders are recreated, its ``data/`` is refreshed.
-        quick: fewer steps, same stages and report.
+        quick: the quick preset (:meth:`DemoSettings.preset`): every kind of stage in under 5 minutes.
         seed: seed of every run.
         cache_dir: where the example archive is kept (default ``$ANATOMASK_CACHE`` or
             ``~/.cache/anatomask``).
@@ -304,9 +322,9 @@ def run_demo(
     plan = [
         *(f"pretrain_{run}" for run in PRETRAIN_RUNS),
         *(f"reconstruct_{run}" for run in PRETRAIN_RUNS),
-        *(f"finetune_{init}" for init in FINETUNE_INITS),
-        *(f"evaluate_{init}" for init in FINETUNE_INITS),
-        *(f"infer_{init}" for init in FINETUNE_INITS),
+        *(f"finetune_{init}" for init in settings.finetune_inits),
+        *(f"evaluate_{init}" for init in settings.finetune_inits),
+        *(f"infer_{init}" for init in settings.finetune_inits),
     ]
     total_stages = len(plan) + 4  # + fetch, analysis, curve, report
 
@@ -319,7 +337,7 @@ def run_demo(
     print(
         f"[demo] {'quick' if quick else 'full'} demo into {output}: pretraining "
         f"{settings.pretrain_iterations} iterations x 2, fine-tuning {settings.finetune_iterations} "
-        f"iterations x 3, seed {seed}",
+        f"iterations x {len(settings.finetune_inits)} ({', '.join(settings.finetune_inits)}), seed {seed}",
         flush=True,
     )
     announce(1, "fetch", "example CT from the TotalSegmentator 2.18.0 source archive (sha256-pinned)")
@@ -343,96 +361,107 @@ def run_demo(
         _write_json(window, window_fingerprint(*settings.ct_window))
 
     stages: list[StageResult] = []
-    step = 1
-    for run, method in PRETRAIN_RUNS.items():
-        step += 1
-        name = f"pretrain_{run}"
-        announce(
-            step,
-            name,
-            f"{settings.pretrain_iterations} iterations, "
-            + (f"the bundle's configs/{method}" if method else "the bundle's AnatoMask masking"),
-        )
-        folder = prepare_bundle(
-            BUNDLES_DIR / PRETRAIN_BUNDLE,
-            output / name,
-            pretrain_override(settings, run, pretrain_datalist, output / "cache" / "pretrain", window),
-        )
-        result = run_bundle(
-            folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
-        )
-        result.outputs = {
-            "training_log": str(folder / "runs" / "training_log.jsonl"),
-            "model": str(folder / "models" / "model.pt"),
-            "encoder": str(folder / "models" / "encoder.pt"),
-            "checkpoints": str(folder / "runs" / "checkpoints"),
-        }
-        stages.append(result)
-    for run in PRETRAIN_RUNS:
-        step += 1
-        name = f"reconstruct_{run}"
-        announce(
-            step, name, "the pretraining bundle's inference.json on case A (masked input, reconstruction)"
-        )
-        folder = output / f"pretrain_{run}"
-        result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log")
-        result.outputs = {"eval_dir": str(folder / "eval")}
-        stages.append(result)
+    # each stage forked from one interpreter that imported torch and MONAI (not where the OS cannot fork)
+    server = StageServer(output / "stage_server.log") if stage_servers_available() else None
+    with server or contextlib.nullcontext():
+        step = 1
+        for run, method in PRETRAIN_RUNS.items():
+            step += 1
+            name = f"pretrain_{run}"
+            announce(
+                step,
+                name,
+                f"{settings.pretrain_iterations} iterations, "
+                + (f"the bundle's configs/{method}" if method else "the bundle's AnatoMask masking"),
+            )
+            folder = prepare_bundle(
+                BUNDLES_DIR / PRETRAIN_BUNDLE,
+                output / name,
+                pretrain_override(settings, run, pretrain_datalist, output / "cache" / "pretrain", window),
+            )
+            result = run_bundle(
+                folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log", server
+            )
+            result.outputs = {
+                "training_log": str(folder / "runs" / "training_log.jsonl"),
+                "model": str(folder / "models" / "model.pt"),
+                "encoder": str(folder / "models" / "encoder.pt"),
+                "checkpoints": str(folder / "runs" / "checkpoints"),
+            }
+            stages.append(result)
+        for run in PRETRAIN_RUNS:
+            step += 1
+            name = f"reconstruct_{run}"
+            announce(
+                step, name, "the pretraining bundle's inference.json on case A (masked input, reconstruction)"
+            )
+            folder = output / f"pretrain_{run}"
+            result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log", server)
+            result.outputs = {"eval_dir": str(folder / "eval")}
+            stages.append(result)
 
-    for init in FINETUNE_INITS:
-        step += 1
-        name = f"finetune_{init}"
-        encoder = output / f"pretrain_{init}" / "models" / "encoder.pt" if init != "scratch" else None
-        announce(
-            step,
-            name,
-            f"FLARE22 bundle on case A{' and the aorta of case B' if settings.partial_case_b else ''}, "
-            f"{settings.finetune_iterations} iterations, init {init}",
-        )
-        # every run normalises CT with the pretraining set's statistics (the encoders carry them)
-        fingerprint = (
-            output / "pretrain_anatomask" / "models" / "fingerprint.json" if encoder is None else None
-        )
-        folder = prepare_bundle(
-            BUNDLES_DIR / FINETUNE_BUNDLE,
-            output / name,
-            finetune_override(
-                settings, finetune_datalist, test_scan, encoder, output / "cache" / "finetune", fingerprint
-            ),
-        )
-        result = run_bundle(
-            folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log"
-        )
-        result.outputs = {
-            "training_log": str(folder / "runs" / "training_log.jsonl"),
-            "weight_transfer": str(folder / "runs" / "weight_transfer.json"),
-            "model": str(folder / "models" / "model.pt"),
-        }
-        stages.append(result)
-    for init in FINETUNE_INITS:
-        step += 1
-        name = f"evaluate_{init}"
-        announce(step, name, "evaluate.json on case C (DICOM series; DSC and NSD in its own geometry)")
-        folder = output / f"finetune_{init}"
-        configs = ["configs/train.json", "configs/demo_override.json", "configs/evaluate.json"]
-        result = run_bundle(folder, configs, name, "demo_evaluate.log")
-        result.outputs = {
-            "summary": str(folder / "eval" / "summary.json"),
-            "metrics": str(folder / "eval" / "metrics.csv"),
-        }
-        stages.append(result)
-    for init in FINETUNE_INITS:
-        step += 1
-        name = f"infer_{init}"
-        announce(step, name, "inference.json on case C (label map in the DICOM series' geometry)")
-        folder = output / f"finetune_{init}"
-        result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log")
-        report = json.loads((folder / "predictions" / "inference_report.json").read_text(encoding="utf-8"))
-        result.outputs = {
-            "label_maps": [str(folder / case["label_map"]) for case in report["written"]],
-            "cases": report["written"],
-        }
-        stages.append(result)
+        for init in settings.finetune_inits:
+            step += 1
+            name = f"finetune_{init}"
+            source = FINETUNE_INITS[init]
+            encoder = output / f"pretrain_{source}" / "models" / "encoder.pt" if source is not None else None
+            announce(
+                step,
+                name,
+                f"FLARE22 bundle on case A{' and the aorta of case B' if settings.partial_case_b else ''}, "
+                f"{settings.finetune_iterations} iterations, init {init}",
+            )
+            # every run normalises CT with the pretraining set's statistics (the encoders carry them)
+            fingerprint = (
+                output / "pretrain_anatomask" / "models" / "fingerprint.json" if encoder is None else None
+            )
+            folder = prepare_bundle(
+                BUNDLES_DIR / FINETUNE_BUNDLE,
+                output / name,
+                finetune_override(
+                    settings,
+                    finetune_datalist,
+                    test_scan,
+                    encoder,
+                    output / "cache" / "finetune",
+                    fingerprint,
+                ),
+            )
+            result = run_bundle(
+                folder, ["configs/train.json", "configs/demo_override.json"], name, "demo_train.log", server
+            )
+            result.outputs = {
+                "training_log": str(folder / "runs" / "training_log.jsonl"),
+                "weight_transfer": str(folder / "runs" / "weight_transfer.json"),
+                "model": str(folder / "models" / "model.pt"),
+            }
+            stages.append(result)
+        for init in settings.finetune_inits:
+            step += 1
+            name = f"evaluate_{init}"
+            announce(step, name, "evaluate.json on case C (DICOM series; DSC and NSD in its own geometry)")
+            folder = output / f"finetune_{init}"
+            configs = ["configs/train.json", "configs/demo_override.json", "configs/evaluate.json"]
+            result = run_bundle(folder, configs, name, "demo_evaluate.log", server)
+            result.outputs = {
+                "summary": str(folder / "eval" / "summary.json"),
+                "metrics": str(folder / "eval" / "metrics.csv"),
+            }
+            stages.append(result)
+        for init in settings.finetune_inits:
+            step += 1
+            name = f"infer_{init}"
+            announce(step, name, "inference.json on case C (label map in the DICOM series' geometry)")
+            folder = output / f"finetune_{init}"
+            result = run_bundle(folder, ["configs/inference.json"], name, "demo_inference.log", server)
+            report = json.loads(
+                (folder / "predictions" / "inference_report.json").read_text(encoding="utf-8")
+            )
+            result.outputs = {
+                "label_maps": [str(folder / case["label_map"]) for case in report["written"]],
+                "cases": report["written"],
+            }
+            stages.append(result)
 
     step += 1
     announce(step, "analysis", "what the teachers find hard: top-k patches in body and organs, figure data")
@@ -487,7 +516,7 @@ def finetune_curves(output: Path, settings: DemoSettings, datalist: Path) -> dic
 
     test_item = json.loads(datalist.read_text(encoding="utf-8"))["test"][0]
     curves = {}
-    for init in FINETUNE_INITS:
+    for init in settings.finetune_inits:
         curves[init] = dsc_curve(
             output / f"finetune_{init}", asdict(settings), test_item, CURVE_ORGANS, len(FLARE22_CLASSES) + 1
         )
@@ -515,7 +544,7 @@ def thin_slab_agreement(output: Path, settings: DemoSettings, datalist: Path) ->
     lists = json.loads(datalist.read_text(encoding="utf-8"))
     thickness_mm = scan_thickness_mm(nib.load(lists["test"][0]["label"]))
     runs = {}
-    for init in FINETUNE_INITS:
+    for init in settings.finetune_inits:
         runs[init] = slab_agreement(
             output / f"finetune_{init}",
             asdict(settings),

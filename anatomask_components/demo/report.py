@@ -49,6 +49,11 @@ def _settings(results: dict[str, Any]) -> DemoSettings:
     return DemoSettings(**results["settings"])
 
 
+def _inits(results: dict[str, Any]) -> dict[str, str]:
+    """The run's fine-tuning initialisations and their labels, in the run's order."""
+    return {init: INIT_LABELS[init] for init in _settings(results).finetune_inits}
+
+
 def _axial(plane: np.ndarray) -> np.ndarray:
     """A RAS (x, y) slice as displayed in radiology: anterior up, the patient's right on the left."""
     return plane.T[::-1, ::-1]
@@ -59,6 +64,11 @@ def _label_colormap(num_classes: int):
 
     colours = [(0, 0, 0, 0)] + [(*c[:3], 1.0) for c in _tab20(num_classes - 1)]
     return ListedColormap(colours)
+
+
+def _init_colour(init: str) -> tuple[float, ...]:
+    """One colour per initialisation, the same in every figure and whichever runs a demo made."""
+    return _tab20(2 * len(INIT_LABELS))[2 * list(INIT_LABELS).index(init)]
 
 
 def _tab20(n: int) -> list[tuple[float, ...]]:
@@ -91,17 +101,26 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
     """Pretraining (masked-patch MSE) and fine-tuning (Dice + CE with deep supervision) loss per iteration."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, runs, labels, title, ylabel in (
+    inits = _inits(results)
+    for ax, runs, labels, colours, title, ylabel in (
         (
             axes[0],
             [f"pretrain_{r}" for r in PRETRAIN_LABELS],
             PRETRAIN_LABELS,
+            _tab20(6)[::2],
             "Pretraining",
             "masked-patch MSE",
         ),
-        (axes[1], [f"finetune_{i}" for i in INIT_LABELS], INIT_LABELS, "Fine-tuning", "Dice + CE"),
+        (
+            axes[1],
+            [f"finetune_{i}" for i in inits],
+            inits,
+            [_init_colour(i) for i in inits],
+            "Fine-tuning",
+            "Dice + CE",
+        ),
     ):
-        for run, label, colour in zip(runs, labels.values(), _tab20(6)[::2]):
+        for run, label, colour in zip(runs, labels.values(), colours):
             log = _training_log(results, run)
             iterations = [e["iteration"] for e in log]
             losses = [e["loss"] for e in log]
@@ -230,10 +249,10 @@ def dsc_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         init: json.loads(
             Path(_stage(results, f"evaluate_{init}")["outputs"]["summary"]).read_text(encoding="utf-8")
         )
-        for init in INIT_LABELS
+        for init in _inits(results)
     }
     present = organs_of_test_case(results["data"])
-    names = {entry["label"]: name for name, entry in summaries["scratch"]["classes"].items()}
+    names = {entry["label"]: name for name, entry in next(iter(summaries.values()))["classes"].items()}
     rows = []
     for label in present:
         name = names[label]
@@ -243,7 +262,7 @@ def dsc_table(results: dict[str, Any]) -> list[dict[str, Any]]:
             row[init] = {m: entry[m]["mean"] for m in ("dsc", "nsd")}
         rows.append(row)
     mean_row = {"label": None, "name": f"mean over these {len(rows)} organs"}
-    for init in INIT_LABELS:
+    for init in summaries:
         mean_row[init] = {
             m: float(np.mean([r[init][m] for r in rows if r[init][m] is not None])) for m in ("dsc", "nsd")
         }
@@ -253,11 +272,13 @@ def dsc_table(results: dict[str, Any]) -> list[dict[str, Any]]:
 def plot_dsc(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 4.2))
-    width = 0.27
+    inits = [init for init in INIT_LABELS if init in rows[0]]
+    width = 0.8 / len(inits)
     positions = np.arange(len(rows))
-    for i, (init, colour) in enumerate(zip(INIT_LABELS, _tab20(6)[::2])):
+    for i, init in enumerate(inits):
         values = [100 * (r[init]["dsc"] or 0.0) for r in rows]
-        ax.bar(positions + (i - 1) * width, values, width, color=colour, label=INIT_LABELS[init])
+        offset = (i - (len(inits) - 1) / 2) * width
+        ax.bar(positions + offset, values, width, color=_init_colour(init), label=INIT_LABELS[init])
     ax.set_xticks(positions)
     ax.set_xticklabels([r["name"] if r["label"] else "mean" for r in rows], rotation=30, ha="right")
     ax.set_ylabel("DSC (%)")
@@ -275,7 +296,8 @@ def plot_dsc_curve(results: dict[str, Any], path: Path) -> Path:
     """Liver DSC and the four-organ mean on case C per kept checkpoint, one line per initialisation."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    for init, colour in zip(INIT_LABELS, _tab20(6)[::2]):
+    for init, label in _inits(results).items():
+        colour = _init_colour(init)
         points = results["curves"]["runs"].get(init, [])
         iterations = [p["iteration"] for p in points]
         axes[0].plot(iterations, [100 * _nan0(p["dsc"]["liver"]) for p in points], "o-", color=colour)
@@ -284,7 +306,7 @@ def plot_dsc_curve(results: dict[str, Any], path: Path) -> Path:
             [100 * curve_mean(p["dsc"]) for p in points],
             "o-",
             color=colour,
-            label=INIT_LABELS[init],
+            label=label,
         )
     for ax, title, target in (
         (axes[0], "liver", TARGET_LIVER_DSC),
@@ -331,7 +353,7 @@ def plot_segmentations(results: dict[str, Any], names: dict[int, str], path: Pat
     ct = _canonical(np.asarray(image, dtype=np.float32), affine)
     reference = nib.load(data / "labels" / "C_flare22.nii.gz")
     maps = {"reference (TotalSegmentator)": _canonical(np.asanyarray(reference.dataobj), reference.affine)}
-    for init, label in INIT_LABELS.items():
+    for init, label in _inits(results).items():
         prediction = nib.load(_stage(results, f"infer_{init}")["outputs"]["label_maps"][0])
         maps[label] = _canonical(np.asanyarray(prediction.dataobj), prediction.affine)
     for name, volume in maps.items():
@@ -488,7 +510,7 @@ def _tables(
         ],
         [
             "fine-tuning",
-            f"{iterations['finetune']} iterations on case A{' and case B (aorta only; its other organs out of the loss)' if settings.get('partial_case_b') else ''} (1 crop per step), AdamW lr {settings['finetune_lr']:g}, validation on A every {settings['val_interval']} epochs of {settings['iterations_per_epoch']}",
+            f"{iterations['finetune']} iterations on case A{' and case B (aorta only; its other organs out of the loss)' if settings.get('partial_case_b') else ''} (1 crop per step), AdamW lr {settings['finetune_lr']:g}, validation on A every {settings['val_interval']} epochs of {settings['iterations_per_epoch']}; runs: {', '.join(_inits(results).values())}",
             "paper: 1000 epochs x 250 iterations, lr 1e-4, 50 labelled scans",
         ],
         [
@@ -519,7 +541,7 @@ def _tables(
     if "curves" in results:
         stage_rows.append(["curve (in the demo process)", clock(results["curves"]["seconds"]), "", "", ""])
     transfer_rows = []
-    for init in INIT_LABELS:
+    for init in _inits(results):
         path = Path(_stage(results, f"finetune_{init}")["outputs"]["weight_transfer"])
         report = json.loads(path.read_text(encoding="utf-8"))
         if report["source"] is None:
@@ -563,7 +585,7 @@ def _tables(
                 ]
             )
     dsc_rows = [
-        [r["name"], *[f"{_pct(r[i]['dsc'])} / {_pct(r[i]['nsd'])}" for i in INIT_LABELS]] for r in rows
+        [r["name"], *[f"{_pct(r[i]['dsc'])} / {_pct(r[i]['nsd'])}" for i in _inits(results)]] for r in rows
     ]
     slab_rows = [
         [
@@ -606,7 +628,7 @@ def _tables(
             topk_rows,
         ),
         "dsc": (
-            ["organ (FLARE22 id in case C)", *[f"{v}: DSC / NSD (%)" for v in INIT_LABELS.values()]],
+            ["organ (FLARE22 id in case C)", *[f"{v}: DSC / NSD (%)" for v in _inits(results).values()]],
             dsc_rows,
         ),
     }
@@ -636,13 +658,13 @@ def _findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
             f"{100 * (teacher - untrained):+.1f} points, which is what pretraining changed."
         )
     mean_row = rows[-1]
-    dsc = {init: mean_row[init]["dsc"] for init in INIT_LABELS}
+    dsc = {init: mean_row[init]["dsc"] for init in _inits(results)}
     best = max(dsc, key=lambda k: dsc[k])
     lines.append(
         "Mean DSC on case C over its organs: "
         + ", ".join(f"{INIT_LABELS[i]} {_pct(v)} %" for i, v in dsc.items())
         + f" (highest: {INIT_LABELS[best]}). One seed ({results['seed']}) and one test case: this run measured "
-        "no seed-to-seed spread, so differences between the three columns are not evidence that one "
+        f"no seed-to-seed spread, so differences between the {len(dsc)} columns are not evidence that one "
         "initialisation is better."
     )
     lines += _target_findings(results, rows)
@@ -660,7 +682,7 @@ def _target_findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> lis
             by_name["liver"][init]["dsc"] or 0.0,
             float(np.mean([by_name[o][init]["dsc"] or 0.0 for o in organs])),
         )
-        for init in INIT_LABELS
+        for init in _inits(results)
     }
     best = max(scores, key=lambda i: scores[i][1])
     liver, mean = scores[best]
