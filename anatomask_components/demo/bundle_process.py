@@ -141,10 +141,10 @@ class StageServer:
             while not answer.endswith(b"\n"):
                 ready, _, _ = select.select([self._process.stdout], [], [], _POLL_SECONDS)
                 if ready:
-                    byte = os.read(self._process.stdout.fileno(), 4096)
-                    if not byte:
+                    chunk = os.read(self._process.stdout.fileno(), 4096)
+                    if not chunk:
                         raise self._died()
-                    answer += byte
+                    answer += chunk
                 pending = _follow(log, pending, on_line)
             pending = _follow(log, pending, on_line)
         if pending:

@@ -29,6 +29,7 @@ from anatomask_components.data.preprocessing import (
 from anatomask_components.data.writers import write_volume
 from anatomask_components.demo.curve import slabs_against_whole
 from anatomask_components.demo.pipeline import CURVE_ORGANS, scan_thickness_mm
+from anatomask_components.demo.settings import DemoSettings
 from anatomask_components.evaluation import case_metrics
 from anatomask_components.networks import STUNet
 
@@ -128,11 +129,8 @@ def test_phantom_slab_agrees_with_the_whole_scan(tmp_path):
 
 
 # the demo's recipe for one training case (docs/finetune.md, "The demo's recipe"): spatial augmentation and
-# blur off; the border crops and thin-slab crops under test stay on
-CT_AUGMENTATION = {
-    key: 0.0
-    for key in ("rotate_prob", "scale_prob", "flip_prob", "blur_prob", "lowres_prob", "gamma_inverted_prob")
-}
+# blur off; the border crops and thin-slab crops under test stay on at the bundles' defaults
+CT_AUGMENTATION = {key: 0.0 for key in DemoSettings().augmentation_off}
 CT_SPACING = (5.0, 5.0, 5.0)
 CT_ROI = (64, 64, 16)
 CT_ITERATIONS = 250
@@ -145,9 +143,9 @@ def test_slabs_of_real_ct_as_thin_as_case_c_agree_with_the_whole_scan(fetched):
     STU-Net fine-tuned on A with the bundles' pipeline fits the whole scan, and each slab labelled on its own
     agrees with the whole scan's label map on the same slices (mean DSC over the organs there >= 0.8).
 
-    Measured (this test's run, 3:10 on a 2-core CPU): whole scan liver 0.90, spleen 0.84, stomach 0.77, aorta
-    0.85; slabs from the liver's lower end up 0.81, 0.87, 0.86, 0.87 (200 iterations: 0.79 for the lowest,
-    where the slab cuts the tips of spleen and stomach)."""
+    Measured (this test's run, about 3.2 minutes on 2 CPU cores): whole scan liver 0.90, spleen 0.84, stomach
+    0.77, aorta 0.85; slabs from the liver's lower end up 0.81, 0.87, 0.86, 0.87 (200 iterations: 0.79 for the
+    lowest, where the slab cuts the tips of spleen and stomach)."""
     dest, _ = fetched
     flare = json.loads((dest / "datalists" / "flare22.json").read_text(encoding="utf-8"))
     case_a = flare["training"][0]
