@@ -31,7 +31,7 @@ import numpy as np
 
 from anatomask_components.data.fingerprint import window_fingerprint
 from anatomask_components.demo.bundle_process import StageServer, stage_servers_available
-from anatomask_components.demo.settings import DemoSettings, clock
+from anatomask_components.demo.settings import FINETUNE_INITS, DemoSettings, clock
 
 __all__ = ["BUNDLES_DIR", "DemoError", "prepare_bundle", "run_bundle", "run_demo"]
 
@@ -41,8 +41,6 @@ FINETUNE_BUNDLE = "anatomask_finetune_flare22"
 # run name -> the pretraining bundle's override of its method (SparK: the RandomMasking strategy), or None for
 # the bundle's defaults (AnatoMask's TeacherReconstructionMasking)
 PRETRAIN_RUNS = {"spark": "train_spark.json", "anatomask": None}
-# fine-tuning run name -> the pretraining run whose encoder it starts from (None: random initialisation)
-FINETUNE_INITS = {"scratch": None, "spark": "spark", "anatomask": "anatomask"}
 # FLARE22 ids of the organs that case C holds and the demo's target averages (liver, spleen, stomach, aorta)
 CURVE_ORGANS = {1: "liver", 3: "spleen", 11: "stomach", 5: "aorta"}
 # copied into each run folder; models/, runs/, eval/ are the run's own

@@ -474,6 +474,7 @@ def _tables(
 ) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Every table of the report as (header, rows) of strings."""
     settings = results["settings"]
+    inits = _inits(results)
     env = results["environment"]
     iterations = {
         "pretrain": _settings(results).pretrain_iterations,
@@ -510,7 +511,7 @@ def _tables(
         ],
         [
             "fine-tuning",
-            f"{iterations['finetune']} iterations on case A{' and case B (aorta only; its other organs out of the loss)' if settings.get('partial_case_b') else ''} (1 crop per step), AdamW lr {settings['finetune_lr']:g}, validation on A every {settings['val_interval']} epochs of {settings['iterations_per_epoch']}; runs: {', '.join(_inits(results).values())}",
+            f"{iterations['finetune']} iterations on case A{' and case B (aorta only; its other organs out of the loss)' if settings.get('partial_case_b') else ''} (1 crop per step), AdamW lr {settings['finetune_lr']:g}, validation on A every {settings['val_interval']} epochs of {settings['iterations_per_epoch']}; runs: {', '.join(inits.values())}",
             "paper: 1000 epochs x 250 iterations, lr 1e-4, 50 labelled scans",
         ],
         [
@@ -541,7 +542,7 @@ def _tables(
     if "curves" in results:
         stage_rows.append(["curve (in the demo process)", clock(results["curves"]["seconds"]), "", "", ""])
     transfer_rows = []
-    for init in _inits(results):
+    for init in inits:
         path = Path(_stage(results, f"finetune_{init}")["outputs"]["weight_transfer"])
         report = json.loads(path.read_text(encoding="utf-8"))
         if report["source"] is None:
@@ -584,9 +585,7 @@ def _tables(
                     f"{ratio:.2f}",
                 ]
             )
-    dsc_rows = [
-        [r["name"], *[f"{_pct(r[i]['dsc'])} / {_pct(r[i]['nsd'])}" for i in _inits(results)]] for r in rows
-    ]
+    dsc_rows = [[r["name"], *[f"{_pct(r[i]['dsc'])} / {_pct(r[i]['nsd'])}" for i in inits]] for r in rows]
     slab_rows = [
         [
             INIT_LABELS[init],
@@ -628,7 +627,7 @@ def _tables(
             topk_rows,
         ),
         "dsc": (
-            ["organ (FLARE22 id in case C)", *[f"{v}: DSC / NSD (%)" for v in _inits(results).values()]],
+            ["organ (FLARE22 id in case C)", *[f"{v}: DSC / NSD (%)" for v in inits.values()]],
             dsc_rows,
         ),
     }

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DemoSettings", "clock"]
+__all__ = ["FINETUNE_INITS", "DemoSettings", "clock"]
+
+# fine-tuning run name -> the pretraining run whose encoder it starts from (None: random initialisation)
+FINETUNE_INITS = {"scratch": None, "spark": "spark", "anatomask": "anatomask"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class DemoSettings:
     iterations_per_epoch: int = 25
     val_interval: int = 8
     finetune_lr: float = 1e-3
-    finetune_inits: tuple[str, ...] = ("scratch", "spark", "anatomask")
+    finetune_inits: tuple[str, ...] = tuple(FINETUNE_INITS)
     partial_case_b: bool = False
     ct_window: tuple[float, float] | None = (-160.0, 240.0)
     augmentation_off: tuple[str, ...] = (
